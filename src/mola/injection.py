@@ -1,0 +1,94 @@
+"""Find a model's decoder blocks and put a :class:`MolaLinear` in place of each targeted layer."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .collect import RouterLogitsStore
+from .config import MolaConfig
+from .layer import MolaLinear, is_supported
+from .routing import build_router
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of decoder blocks, found from its structure, and its qualified name.
+
+    Candidates are ``nn.ModuleList``\\ s of identical blocks. When the config gives a layer count
+    (the text config's ``num_hidden_layers``), lists of that length are preferred; among the rest
+    the one holding the most parameters wins (the decoder stack, not a vision tower's).
+
+    Raises:
+        ValueError: the model has no such list.
+    """
+    expected = None
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        expected = getattr(text, "num_hidden_layers", None)
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList)
+        and len(mod) > 0
+        and len({type(m) for m in mod}) == 1
+        and not is_supported(mod[0])
+    ]
+    if not candidates:
+        raise ValueError(f"{type(model).__name__}: found no list of decoder blocks to adapt")
+    if expected is not None and any(len(m) == expected for _, m in candidates):
+        candidates = [c for c in candidates if len(c[1]) == expected]
+    return max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
+
+
+def _targeted(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name.rsplit(".", 1)[-1] in targets
+
+
+def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> dict[str, list]:
+    """Replace every targeted linear layer inside the decoder blocks with a ``MolaLinear``.
+
+    Each adapted layer gets the allocation (experts, top-k, rank) of its decoder layer and a
+    reference to ``store``. Only modules inside the decoder blocks are adapted.
+
+    Returns:
+        The resolved allocation: ``{"num_experts": [...], "top_k": [...], "r": [...]}``.
+
+    Raises:
+        ValueError: nothing matches ``target_modules`` (the message lists what exists), or a
+            matched module is not a linear layer.
+    """
+    prefix, blocks = find_decoder_layers(model)
+    allocation = config.resolve(len(blocks))
+    found = 0
+    for idx, block in enumerate(blocks):
+        experts, top_k, rank = (allocation[k][idx] for k in ("num_experts", "top_k", "r"))
+        router = build_router(config.router, experts, top_k, config.top_p)
+        for name, module in list(block.named_modules()):
+            full = f"{prefix}.{idx}.{name}" if prefix else f"{idx}.{name}"
+            if not name or isinstance(module, MolaLinear) or not _targeted(full, config.target_modules):
+                continue
+            if not is_supported(module):
+                raise ValueError(
+                    f"target_modules: {full} is a {type(module).__name__}, not a linear layer; "
+                    f"mola adapts nn.Linear and Conv1D, so remove it from target_modules"
+                )
+            layer = MolaLinear(
+                module, experts, rank, config.lora_alpha, config.lora_dropout, top_k, router=router
+            )
+            layer.layer_idx, layer.module_name, layer.store = idx, full, store
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, layer)
+            found += 1
+    if not found:
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if n and is_supported(m)}
+        )
+        raise ValueError(
+            f"target_modules: {config.target_modules!r} matches no module in the decoder layers; "
+            f"linear modules there: {', '.join(names)}"
+        )
+    return allocation

@@ -1,0 +1,149 @@
+"""``MolaLinear``: a frozen linear layer plus a routed mixture of LoRA experts.
+
+::
+
+                 ┌──────────── W (frozen) ───────────────┐
+    x ──────────┤                                         (+)──> y
+                 ├─ router R ─> p = softmax(Rx) ─> gates g │
+                 └─ dropout ─> [A_1..A_E] ─> (g ⊙) ─> [B_1..B_E] ┘ · alpha / r
+
+    y = W x + (alpha / r) * sum_{e selected} g_e * B_e A_e dropout(x)
+
+The experts are stored stacked, ``lora_A: (E, r, d_in)`` and ``lora_B: (E, d_out, r)``, and the
+forward is the *dense-gated* form: one matmul ``h = x A^T`` for all experts at once (``N x E*r``),
+``h`` scaled by each token's gate repeated over its expert's ``r`` columns (zero for experts the
+token does not use), then one matmul ``y += h B^T``. No Python loop over experts, no host sync;
+it equals the per-expert sum exactly. Dropout draws one mask on ``x`` that all experts share.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .routing import Router, build_router
+
+if TYPE_CHECKING:
+    from .collect import RouterLogitsStore
+
+
+def _features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (weight ``(in, out)``)."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
+        return base_layer.weight.shape[0], base_layer.weight.shape[1]
+    raise ValueError(
+        f"unsupported module type {type(base_layer).__name__}: mola adapts nn.Linear and "
+        f"transformers Conv1D; drop it from target_modules"
+    )
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether :class:`MolaLinear` can wrap ``module``."""
+    try:
+        _features(module)
+    except ValueError:
+        return False
+    return True
+
+
+class MolaLinear(nn.Module):
+    """A frozen ``base_layer`` plus ``num_experts`` routed LoRA experts of rank ``r``.
+
+    Args:
+        base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``) to adapt; it is frozen, not copied.
+        num_experts: number of experts ``E``.
+        r: rank of every expert.
+        lora_alpha: the LoRA scale is ``lora_alpha / r``.
+        lora_dropout: dropout probability on the LoRA input (one mask shared by the experts).
+        top_k: experts per token for the ``topk`` router (cap for ``topp``).
+        router: a router name from :data:`mola.routing.ROUTERS` or a :class:`Router`.
+        top_p: cumulative probability for the ``topp`` router.
+
+    Attributes:
+        lora_A: ``(E, r, d_in)``, kaiming-uniform(a=sqrt 5) per expert, like ``nn.Linear``.
+        lora_B: ``(E, d_out, r)``, zeros, so a fresh layer returns exactly ``base_layer(x)``.
+        router: ``nn.Linear(d_in, E, bias=False)``; its logits go to ``routing``.
+        routing: the :class:`Router` turning logits into gates.
+        scaling: ``lora_alpha / r``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        num_experts: int,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        top_k: int | None = 2,
+        router: str | Router = "topk",
+        top_p: float | None = None,
+    ) -> None:
+        super().__init__()
+        d_in, d_out = _features(base_layer)
+        if r < 1:
+            raise ValueError(f"r: must be >= 1, got {r}")
+        self.routing = (
+            router if isinstance(router, Router) else build_router(router, num_experts, top_k, top_p)
+        )
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        kw = {"device": weight.device, "dtype": dtype}
+        self.in_features, self.out_features = d_in, d_out
+        self.num_experts, self.r = num_experts, r
+        self.scaling = lora_alpha / r
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, d_in, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, r, **kw))
+        self.router = nn.Linear(d_in, num_experts, bias=False, **kw)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.disabled = False
+        self.layer_idx: int | None = None
+        self.module_name = ""
+        self.store: RouterLogitsStore | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Router and every ``A_e`` as ``nn.Linear`` does (kaiming-uniform, a=sqrt 5); ``B = 0``."""
+        with torch.no_grad():
+            for a in self.lora_A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_B.zero_()
+            nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """Router logits ``(N, E)`` for input ``x`` of shape ``(..., d_in)``."""
+        return self.router(x.reshape(-1, self.in_features).to(self.router.weight.dtype))
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        logits = self.router_logits(x)
+        if self.store is not None and self.store.enabled:
+            self.store.add(self.layer_idx, self.module_name, logits)
+        gates, _ = self.routing.route(logits)
+        return result + self.expert_delta(x, gates).to(result.dtype)
+
+    def expert_delta(self, x: Tensor, gates: Tensor) -> Tensor:
+        """``scaling * sum_e g_e B_e A_e dropout(x)`` in the dense-gated form."""
+        num, rank, d_in, d_out = self.num_experts, self.r, self.in_features, self.out_features
+        lead = x.shape[:-1]
+        xd = self.lora_dropout(x.reshape(-1, d_in).to(self.lora_A.dtype))
+        h = F.linear(xd, self.lora_A.reshape(num * rank, d_in))  # (N, E*r)
+        g = (gates * self.scaling).to(h.dtype)  # (N, E)
+        h = (h.view(-1, num, rank) * g.unsqueeze(-1)).view(-1, num * rank)
+        w_b = self.lora_B.transpose(0, 1).reshape(d_out, num * rank)  # [o, e*r+j] = B[e, o, j]
+        return F.linear(h, w_b).view(*lead, d_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
+            f"r={self.r}, scaling={self.scaling:g}, routing={self.routing}"
+        )

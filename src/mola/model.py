@@ -1,0 +1,216 @@
+"""``MolaModel``: a Hugging Face causal LM whose targeted layers carry routed LoRA experts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .checkpoint import (
+    adapter_state_dict,
+    is_adapter_name,
+    load_adapter_weights,
+    read_adapter_config,
+    save_adapter,
+)
+from .collect import RouterLogitsStore
+from .config import MolaConfig
+from .injection import inject
+from .layer import MolaLinear
+from .routing import build_router, load_balancing_loss, router_z_loss
+
+
+class MolaModel(nn.Module):
+    """A base model with MoLA layers injected; forwards like the base model.
+
+    With ``labels``, ``output.loss`` is the LM loss plus
+    ``aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss``; the output also carries
+    ``lm_loss``, the unweighted ``aux_loss`` (the load-balancing loss summed over decoder layers)
+    and ``router_z_loss``.
+
+    Build one with :func:`get_mola_model` or :meth:`from_pretrained`.
+    """
+
+    def __init__(self, model: nn.Module, config: MolaConfig) -> None:
+        super().__init__()
+        self.base_model = model
+        self.mola_config = config
+        self.router_store = RouterLogitsStore()
+        model.requires_grad_(False)
+        self.allocation = inject(model, config, self.router_store)
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_adapter_name(name))
+        self._layer_routers = [
+            build_router(config.router, e, k, config.top_p)
+            for e, k in zip(self.allocation["num_experts"], self.allocation["top_k"], strict=True)
+        ]
+
+    # -- delegation -------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def config(self) -> Any:
+        """The base model's config."""
+        return self.base_model.config
+
+    def mola_layers(self) -> Iterator[tuple[str, MolaLinear]]:
+        """``(qualified name, layer)`` for every adapted layer, in model order."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, MolaLinear):
+                yield name, module
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, *args: Any, labels: Tensor | None = None, **kwargs: Any) -> Any:
+        store = self.router_store
+        capturing = store.enabled
+        if labels is not None and not capturing:
+            store.clear()
+            store.enabled = True
+        try:
+            output = self.base_model(*args, labels=labels, **kwargs)
+        finally:
+            store.enabled = capturing
+        if labels is not None:
+            aux, z_loss = self.router_losses(kwargs.get("attention_mask"))
+            if not capturing:
+                store.clear()
+            cfg = self.mola_config
+            output["lm_loss"] = output.loss
+            output["aux_loss"] = aux
+            output["router_z_loss"] = z_loss
+            output["loss"] = output.loss + cfg.aux_loss_coef * aux + cfg.router_z_loss_coef * z_loss
+        return output
+
+    def router_losses(self, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Unweighted (load-balancing, z) losses, summed over layers, from the collected logits."""
+        zero = torch.zeros((), device=self._device())
+        balance, z_loss = zero, zero
+        for idx, router in enumerate(self._layer_routers):
+            logits = self.router_store.layer_logits(idx)
+            if not logits:
+                continue
+            balance = balance + load_balancing_loss(logits, router, attention_mask)
+            if self.mola_config.router_z_loss_coef > 0:
+                z_loss = z_loss + router_z_loss(logits, attention_mask)
+        return balance, z_loss
+
+    @contextmanager
+    def capture_router_logits(self) -> Iterator[RouterLogitsStore]:
+        """Keep every forward's router logits in the yielded store (for analysis)."""
+        with self.router_store.collecting() as store:
+            yield store
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block."""
+        layers = [layer for _, layer in self.mola_layers()]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Enable the base model's checkpointing, non-reentrant so router logits keep their graph."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    def num_parameters_split(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.num_parameters_split()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} "
+            f"|| trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def adapter_config(self) -> dict[str, Any]:
+        """What ``adapter_config.json`` holds: the config, the base model and the allocation."""
+        base_config = getattr(self.base_model, "config", None)
+        return {
+            **self.mola_config.to_dict(),
+            "base_model_name_or_path": getattr(base_config, "_name_or_path", None),
+            "base_model_class": type(self.base_model).__name__,
+            "allocation": self.allocation,
+            "mola_version": __version__,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **_: Any) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only).
+
+        Extra keyword arguments (as the HF ``Trainer`` passes) are ignored.
+        """
+        save_adapter(os.fspath(save_directory), self.adapter_config(), self.base_model)
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        return adapter_state_dict(self.base_model)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nn.Module, adapter_dir: str | os.PathLike[str], is_trainable: bool = False
+    ) -> MolaModel:
+        """Rebuild a saved adapter on a fresh ``base_model``; outputs match the saved model's.
+
+        Raises:
+            ValueError: the directory is not an adapter, or it does not fit ``base_model``.
+        """
+        directory = os.fspath(adapter_dir)
+        data = read_adapter_config(directory)
+        saved_class = data.get("base_model_class")
+        if saved_class and saved_class != type(base_model).__name__:
+            raise ValueError(
+                f"adapter {directory} was trained on a {saved_class}, "
+                f"but the base model is a {type(base_model).__name__}"
+            )
+        config = MolaConfig.from_dict(data)
+        allocation = data.get("allocation")
+        if allocation:  # rebuild exactly the saved per-layer allocation
+            config.num_experts, config.top_k, config.r = (
+                allocation["num_experts"], allocation["top_k"], allocation["r"]
+            )
+            if any(v is None for v in config.top_k):
+                config.top_k = None
+        try:
+            model = cls(base_model, config)
+        except ValueError as err:
+            raise ValueError(f"adapter {directory} does not fit the base model: {err}") from None
+        load_adapter_weights(directory, model.base_model)
+        model.mola_config = MolaConfig.from_dict(data)
+        model.requires_grad_(False)
+        if is_trainable:
+            for name, param in model.named_parameters():
+                param.requires_grad_(is_adapter_name(name))
+        return model
+
+
+def get_mola_model(model: nn.Module, config: MolaConfig | None = None) -> MolaModel:
+    """Freeze ``model`` and replace each targeted linear layer with a :class:`MolaLinear`.
+
+    Each layer gets the experts, top-k and rank of its decoder layer (see :func:`mola.allocate`).
+    The returned model starts out equal to the base model (every ``lora_B`` is zero).
+    """
+    return MolaModel(model, config or MolaConfig())
