@@ -38,9 +38,10 @@ def _parse(spec: LayerSpec, field: str) -> list[int]:
         if name in SHAPES:
             return list(SHAPES[name])
         try:
-            return [int(v) for v in spec.replace(" ", "").split(",") if v != ""] or _bad(spec, field)
+            values = [int(v) for v in spec.replace(" ", "").split(",") if v != ""]
         except ValueError:
-            _bad(spec, field)
+            values = []
+        return values or _bad(spec, field)
     try:
         values = list(spec)
     except TypeError:

@@ -69,7 +69,7 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
         router = build_router(config.router, experts, top_k, config.top_p)
         for name, module in list(block.named_modules()):
             full = f"{prefix}.{idx}.{name}" if prefix else f"{idx}.{name}"
-            if not name or isinstance(module, MolaLinear) or not _targeted(full, config.target_modules):
+            if not name or not _targeted(full, config.target_modules):
                 continue
             if not is_supported(module):
                 raise ValueError(

@@ -88,9 +88,9 @@ class MolaLinear(nn.Module):
         d_in, d_out = _features(base_layer)
         if r < 1:
             raise ValueError(f"r: must be >= 1, got {r}")
-        self.routing = (
-            router if isinstance(router, Router) else build_router(router, num_experts, top_k, top_p)
-        )
+        if not isinstance(router, Router):
+            router = build_router(router, num_experts, top_k, top_p)
+        self.routing = router
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         weight = base_layer.weight

@@ -127,7 +127,7 @@ class MolaModel(nn.Module):
         return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Enable the base model's checkpointing, non-reentrant so router logits keep their graph."""
+        """Enable the base model's checkpointing, non-reentrant so router logits keep a graph."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
@@ -190,7 +190,9 @@ class MolaModel(nn.Module):
         allocation = data.get("allocation")
         if allocation:  # rebuild exactly the saved per-layer allocation
             config.num_experts, config.top_k, config.r = (
-                allocation["num_experts"], allocation["top_k"], allocation["r"]
+                allocation["num_experts"],
+                allocation["top_k"],
+                allocation["r"],
             )
             if any(v is None for v in config.top_k):
                 config.top_k = None

@@ -191,4 +191,3 @@ def _stack(logits: Sequence[Tensor], attention_mask: Tensor | None) -> tuple[Ten
             f"{[r.shape[0] for r in rows]} rows; pass a mask matching the input"
         )
     return z, flat.repeat(len(rows))
-
