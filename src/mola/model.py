@@ -126,10 +126,22 @@ class MolaModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Enable the base model's checkpointing, non-reentrant so router logits keep a graph."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Checkpoint the base model's layers, non-reentrant so router logits keep a graph."""
+        ckpt = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (the transformers 4.x name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _device(self) -> torch.device:
