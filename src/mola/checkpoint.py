@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .io import atomic_write, write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,31 +29,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if is_adapter_name(n)}
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(directory: str, config: dict[str, Any], model: nn.Module) -> None:
     """Write the adapter's config and tensors into ``directory``, each file atomically."""
     os.makedirs(directory, exist_ok=True)
     tensors = {n: t.to("cpu").contiguous() for n, t in adapter_state_dict(model).items()}
-
-    def write_json(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2)
-            fh.write("\n")
-
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p))
-    _atomic_write(os.path.join(directory, CONFIG_NAME), write_json)
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p))
+    write_json(os.path.join(directory, CONFIG_NAME), config)
 
 
 def read_adapter_config(directory: str) -> dict[str, Any]:

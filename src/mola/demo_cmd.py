@@ -1,0 +1,46 @@
+"""``mola demo``: the main job. Fine-tunes the default model on the default task with the
+default MoLA recipe and prints zero-shot and fine-tuned accuracy on the held-out test split.
+
+The recipe (tuned on the training split only; see README) is :data:`DEMO_RECIPE`; any training
+flag overrides it, e.g. ``mola demo --task siqa``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_option_flags, options_from_args
+from .pipeline import run_training, summary
+
+HELP = "the main job: fine-tune the default recipe and print accuracy before/after"
+
+DEMO_RECIPE: dict[str, object] = {
+    "model": "smollm2-135m",
+    "task": "sarcasm",
+    "experts": "inverted-triangle",
+    "top_k": "2",
+    "r": "8",
+    "lr": 5e-4,
+    "max_steps": 150,
+    "batch_size": 8,
+    "train_limit": 1200,
+    "cutoff_len": 128,
+    "save_steps": 0,
+    "eval_before": True,
+    "output": "runs/demo",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = options_from_args(args, **DEMO_RECIPE)
+    print(
+        f"mola demo: {opts.model} on {opts.task}, experts {opts.experts}, top-{opts.top_k}, "
+        f"r {opts.r}, {opts.max_steps} steps of {opts.batch_size}"
+    )
+    results = run_training(opts)
+    print(summary(results))
+    return 0

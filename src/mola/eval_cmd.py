@@ -1,0 +1,87 @@
+"""``mola eval [--adapter DIR] [--task T | --data FILE] [--limit N]``: metrics of an adapter,
+or of the base model (zero-shot) without ``--adapter``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .data import limit_examples, load_examples
+from .evaluation import SCORINGS, evaluate
+from .hub import DEFAULT_MODEL
+from .io import write_json, write_jsonl
+from .loading import load_adapted, load_base
+from .prompts import TEMPLATES
+from .report import metrics_table
+
+HELP = "evaluate an adapter (or the base model) on a task or file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", help="adapter directory (omit for the base model)")
+    parser.add_argument("--model", help=f"base model (default: the adapter's, or {DEFAULT_MODEL})")
+    parser.add_argument("--task", default="sarcasm", help="built-in task (default: sarcasm)")
+    parser.add_argument("--data", help="evaluation file (JSON/JSONL/CSV); overrides --task")
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--limit", type=int, help="evaluate the first N examples")
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        help="prompt template (default: the adapter's training template)",
+    )
+    parser.add_argument("--scoring", default="loglik", choices=SCORINGS)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cutoff-len", type=int, default=256)
+    parser.add_argument(
+        "--output",
+        help="directory for metrics JSON and predictions (default: <adapter>/eval, or runs/eval)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _training_template(adapter: str | None) -> str | None:
+    path = os.path.join(adapter, "train_config.yaml") if adapter else None
+    if path and os.path.isfile(path):
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            return (yaml.safe_load(fh) or {}).get("template")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
+    template = args.template or _training_template(args.adapter) or "alpaca"
+    if args.adapter:
+        model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
+    else:
+        model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
+    metrics, records = evaluate(
+        model,
+        tokenizer,
+        examples,
+        template=template,
+        scoring=args.scoring,
+        batch_size=args.batch_size,
+        cutoff_len=args.cutoff_len,
+        progress=progress,
+    )
+    source = args.data or f"{args.task}/{args.split}"
+    name = "adapter" if args.adapter else "base model"
+    print(f"{name} on {source} ({len(examples)} examples, {template} template, {args.scoring})")
+    print(metrics_table({name: metrics}))
+    output = args.output or (os.path.join(args.adapter, "eval") if args.adapter else "runs/eval")
+    write_json(
+        os.path.join(output, "metrics.json"),
+        {
+            "adapter": args.adapter,
+            "data": source,
+            "template": template,
+            "scoring": args.scoring,
+            "metrics": metrics,
+        },
+    )
+    write_jsonl(os.path.join(output, "predictions.jsonl"), records)
+    print(f"wrote {os.path.join(output, 'metrics.json')} and predictions.jsonl")
+    return 0

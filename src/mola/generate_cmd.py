@@ -1,0 +1,68 @@
+"""``mola generate --adapter DIR "prompt"``: generate with an adapter, streaming to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import Example
+from .hub import DEFAULT_MODEL
+from .loading import load_adapted, load_base
+from .prompts import TEMPLATES, render_prompt
+
+HELP = "generate text with an adapter, streaming"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the instruction / question")
+    parser.add_argument("--adapter", help="adapter directory (omit for the base model)")
+    parser.add_argument("--model", help=f"base model (default: the adapter's, or {DEFAULT_MODEL})")
+    parser.add_argument("--input", default="", help="optional input/context for the prompt")
+    parser.add_argument(
+        "--template",
+        default="alpaca",
+        choices=(*TEMPLATES, "raw"),
+        help="wrap the prompt in a template ('raw': use it as is)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide loading progress")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens: must be >= 1")
+    progress = not args.no_progress
+    if args.adapter:
+        model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
+    else:
+        model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
+    model.eval()
+    if args.template == "raw":
+        text = args.prompt
+    else:
+        text = render_prompt(Example(args.prompt, args.input), args.template, tokenizer)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sample,
+            temperature=args.temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    sys.stdout.flush()
+    return 0

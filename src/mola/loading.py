@@ -1,0 +1,37 @@
+"""Load base models (by built-in name or local directory) and saved adapters onto them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .checkpoint import read_adapter_config
+from .hub import BUILTIN_MODELS, DEFAULT_MODEL, load_model_and_tokenizer
+from .model import MolaModel
+
+
+def load_base(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)``; a built-in model remembers its built-in name as ``name_or_path``,
+    so adapters trained on it record that name rather than a cache path."""
+    model, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype, progress=progress)
+    if name_or_path in BUILTIN_MODELS:
+        model.config._name_or_path = name_or_path
+        model.name_or_path = name_or_path
+    return model, tokenizer
+
+
+def load_adapted(
+    adapter_dir: str, model: str | None = None, progress: bool = True
+) -> tuple[MolaModel, Any]:
+    """Load the base model an adapter names (or ``model``), then the adapter, in eval mode.
+
+    Raises:
+        ValueError: the directory is not an adapter or does not fit the base model.
+    """
+    saved = read_adapter_config(adapter_dir)
+    name = model or saved.get("base_model_name_or_path") or DEFAULT_MODEL
+    base, tokenizer = load_base(name, progress=progress)
+    return MolaModel.from_pretrained(base, adapter_dir).eval(), tokenizer

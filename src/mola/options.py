@@ -1,0 +1,180 @@
+"""Training options: one dataclass, readable from a YAML file and overridable by flags.
+
+Every field is a ``--flag`` (``train_on_inputs`` -> ``--train-on-inputs``); a YAML file may use
+either spelling. Precedence: built-in defaults < YAML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from .config import LLAMA_TARGETS, MolaConfig
+from .hub import DEFAULT_MODEL
+from .prompts import TEMPLATES
+from .routing import ROUTERS
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``mola train`` reads; see ``mola train --help``."""
+
+    # model and data
+    model: str = _opt(DEFAULT_MODEL, "local HF model dir or built-in name")
+    task: str = _opt("sarcasm", "built-in task: sarcasm, siqa or quartz")
+    data: str | None = _opt(None, "training file (JSON/JSONL/CSV); overrides --task")
+    eval_data: str | None = _opt(None, "evaluation file (default: the task's test split)")
+    template: str = _opt("alpaca", "prompt template", choices=TEMPLATES)
+    train_limit: int | None = _opt(None, "use at most this many training examples")
+    eval_limit: int | None = _opt(None, "evaluate on at most this many examples")
+    # MoLA
+    experts: str = _opt("inverted-triangle", "experts per layer: N, '2,4,6,8' or a shape name")
+    top_k: str = _opt("2", "experts per token (layer spec)")
+    r: str = _opt("8", "LoRA rank of each expert (layer spec)")
+    alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / r")
+    dropout: float = _opt(0.05, "LoRA dropout")
+    router: str = _opt("topk", "router", choices=tuple(ROUTERS))
+    top_p: float = _opt(0.5, "cumulative probability of the 'topp' router")
+    target_modules: str = _opt(",".join(LLAMA_TARGETS), "comma-separated module names")
+    aux_loss_coef: float = _opt(0.001, "load-balancing loss weight")
+    router_z_loss_coef: float = _opt(0.0, "router z-loss weight")
+    # optimisation
+    lr: float = _opt(5e-4, "peak learning rate")
+    epochs: float = _opt(1.0, "training epochs (ignored when --max-steps > 0)")
+    max_steps: int = _opt(-1, "optimizer steps; -1 = use --epochs")
+    batch_size: int = _opt(8, "examples per device batch")
+    grad_accum: int = _opt(1, "gradient accumulation steps")
+    warmup_ratio: float = _opt(0.05, "share of steps spent warming up the learning rate")
+    scheduler: str = _opt("linear", "learning-rate schedule (a transformers scheduler name)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    cutoff_len: int = _opt(256, "truncate sequences to this many tokens")
+    train_on_inputs: bool = _opt(False, "also train on the prompt tokens")
+    gradient_checkpointing: bool = _opt(False, "trade compute for memory")
+    seed: int = _opt(42, "random seed")
+    # outputs
+    output: str = _opt("runs/mola", "output directory")
+    resume: bool = _opt(False, "resume from the last checkpoint in --output")
+    save_steps: int = _opt(50, "save a checkpoint every N steps (0: only at the end)")
+    logging_steps: int = _opt(10, "log every N steps")
+    # evaluation after training
+    eval: bool = _opt(True, "evaluate on the test data after training")
+    eval_before: bool = _opt(False, "also evaluate the base model (zero-shot) before training")
+    scoring: str = _opt("loglik", "multiple-choice scoring", choices=("loglik", "generate"))
+    eval_batch_size: int = _opt(16, "evaluation batch size")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "cutoff_len", "logging_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("--lr: must be > 0")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("--epochs: must be > 0 (or set --max-steps)")
+
+    def mola_config(self) -> MolaConfig:
+        """The adapter configuration these options describe."""
+        targets = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        top_k = None if str(self.top_k).lower() in ("none", "") else self.top_k
+        return MolaConfig(
+            target_modules=targets,
+            num_experts=self.experts,
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            top_k=top_k,
+            router=self.router,
+            top_p=self.top_p,
+            aux_loss_coef=self.aux_loss_coef,
+            router_z_loss_coef=self.router_z_loss_coef,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_of(f: dataclasses.Field) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    for name, cast in (("bool", bool), ("int", int), ("float", float)):
+        if kind.startswith(name):
+            return cast
+    return str
+
+
+def add_option_flags(parser: argparse.ArgumentParser, cls: type = TrainOptions) -> None:
+    """One flag per field; defaults are left unset so a config file can fill them."""
+    parser.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _type_of(f)
+        meta = f.metadata
+        help_ = f"{meta.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=None,
+                choices=meta.get("choices"),
+                help=help_,
+                metavar=f.name.upper(),
+            )
+
+
+def options_from_args(args: argparse.Namespace, cls: type = TrainOptions, **overrides: Any):
+    """Merge defaults, an optional YAML file (``args.config``) and the given flags."""
+    values: dict[str, Any] = dict(overrides)
+    if getattr(args, "config", None):
+        values.update(read_yaml(args.config, cls))
+    for f in fields(cls):
+        flag_value = getattr(args, f.name, None)
+        if flag_value is not None:
+            values[f.name] = flag_value
+    return cls(**values)
+
+
+def read_yaml(path: str, cls: type = TrainOptions) -> dict[str, Any]:
+    """Options from a YAML mapping; keys may use ``-`` or ``_``.
+
+    Raises:
+        ValueError: unreadable file, not a mapping, or unknown keys (listed).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ValueError(f"config file {path}{where}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of option: value")
+    known = {f.name: f for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"config file {path}: unknown option {key!r}")
+        kind = _type_of(known[name])
+        if value is not None and kind is not str and not isinstance(value, kind):
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"config file {path}: {key} must be a {kind.__name__}") from None
+        if kind is str and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        out[name] = str(value) if kind is str and value is not None else value
+    return out

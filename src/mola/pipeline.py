@@ -1,0 +1,128 @@
+"""The training job behind ``mola train`` and ``mola demo``: data, model, train, evaluate."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import yaml
+from transformers import set_seed
+
+from .data import Example, limit_examples, load_examples, load_file, load_task
+from .evaluation import evaluate
+from .io import write_json, write_jsonl, write_text
+from .loading import load_base
+from .model import get_mola_model
+from .options import TrainOptions
+from .prompts import DataCollator, encode_for_training
+from .report import metrics_table
+
+
+def load_train_eval(opts: TrainOptions) -> tuple[list[Example], list[Example] | None]:
+    """Training examples and evaluation examples (``None`` when there is nothing to evaluate).
+
+    Evaluation uses ``--eval-data`` if given, else the built-in task's test split; a user
+    training file without ``--eval-data`` is not evaluated.
+    """
+    train = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
+    evaluation = None
+    if opts.eval or opts.eval_before:
+        if opts.eval_data:
+            evaluation = load_file(opts.eval_data)
+        elif not opts.data:
+            evaluation = load_task(opts.task, "test")
+        if evaluation is not None:
+            evaluation = limit_examples(evaluation, opts.eval_limit)
+    return train, evaluation
+
+
+def run_training(opts: TrainOptions) -> dict[str, Any]:
+    """Fine-tune with MoLA as ``opts`` says; writes the adapter, config, logs and metrics.
+
+    Returns:
+        The metrics written to ``<output>/metrics.json``.
+    """
+    from .trainer import train  # imports the Trainer stack only when training
+
+    set_seed(opts.seed)
+    mola_config = opts.mola_config()
+    train_examples, eval_examples = load_train_eval(opts)
+    base, tokenizer = load_base(opts.model, progress=opts.progress)
+    mola_config.resolve(len(_decoder_blocks(base)))  # fail on a bad spec before any work
+    os.makedirs(opts.output, exist_ok=True)
+    write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))
+
+    def run_eval(model: Any, name: str) -> dict[str, float]:
+        metrics, records = evaluate(
+            model,
+            tokenizer,
+            eval_examples,
+            template=opts.template,
+            scoring=opts.scoring,
+            batch_size=opts.eval_batch_size,
+            cutoff_len=opts.cutoff_len,
+            progress=opts.progress,
+        )
+        write_jsonl(os.path.join(opts.output, f"predictions_{name}.jsonl"), records)
+        return metrics
+
+    results: dict[str, Any] = {"options": opts.to_dict()}
+    timings: dict[str, float] = {}
+    if opts.eval_before and eval_examples is not None:
+        start = time.perf_counter()
+        results["zero_shot"] = run_eval(base, "zero_shot")
+        timings["eval_zero_shot_s"] = time.perf_counter() - start
+
+    model = get_mola_model(base, mola_config)
+    trainable, total = model.num_parameters_split()
+    print(
+        f"mola: {len(train_examples)} training examples; experts per layer "
+        f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
+    )
+    rows = [
+        encode_for_training(tokenizer, e, opts.template, opts.cutoff_len, opts.train_on_inputs)
+        for e in train_examples
+    ]
+    start = time.perf_counter()
+    trained = train(model, rows, DataCollator(tokenizer.pad_token_id), opts)
+    timings["train_s"] = time.perf_counter() - start
+    write_jsonl(os.path.join(opts.output, "train_log.jsonl"), trained["log_history"])
+    results.update(
+        allocation=model.allocation,
+        trainable_params=trainable,
+        total_params=total,
+        train=trained["train"],
+        resumed_from=trained["resumed_from"],
+    )
+    if opts.eval and eval_examples is not None:
+        start = time.perf_counter()
+        results["fine_tuned"] = run_eval(model, "fine_tuned")
+        timings["eval_fine_tuned_s"] = time.perf_counter() - start
+    results["timings"] = timings
+    write_json(os.path.join(opts.output, "metrics.json"), results)
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The end-of-run summary: metrics per evaluated model, timings, where outputs went."""
+    evaluated = {k: results[k] for k in ("zero_shot", "fine_tuned") if k in results}
+    lines = []
+    if evaluated:
+        lines.append(metrics_table(evaluated))
+    if "zero_shot" in results and "fine_tuned" in results and "accuracy" in results["zero_shot"]:
+        gain = results["fine_tuned"]["accuracy"] - results["zero_shot"]["accuracy"]
+        lines.append(
+            f"accuracy: {100 * results['zero_shot']['accuracy']:.1f}% -> "
+            f"{100 * results['fine_tuned']['accuracy']:.1f}% ({100 * gain:+.1f} points)"
+        )
+    times = ", ".join(f"{k.removesuffix('_s')} {v:.0f}s" for k, v in results["timings"].items())
+    lines.append(f"time: {times}")
+    lines.append(f"adapter, metrics.json and logs in {results['options']['output']}")
+    return "\n".join(lines)
+
+
+def _decoder_blocks(model: Any) -> Any:
+    from .injection import find_decoder_layers
+
+    return find_decoder_layers(model)[1]

@@ -1,0 +1,20 @@
+"""``mola train [CONFIG.yaml] [--flags]``: fine-tune with layer-wise MoE-LoRA."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_option_flags, options_from_args
+from .pipeline import run_training, summary
+
+HELP = "fine-tune a model with layer-wise MoE-LoRA"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_option_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = run_training(options_from_args(args))
+    print(summary(results))
+    return 0
