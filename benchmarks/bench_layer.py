@@ -138,7 +138,10 @@ def main() -> None:
         f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}"
     )
-    print("| E | LoRA ms | MoLA ms | loop ms | MoLA / LoRA | loop / MoLA | act. MiB LoRA / MoLA / loop |")
+    print(
+        "| E | LoRA ms | MoLA ms | loop ms | MoLA / LoRA | loop / MoLA "
+        "| act. MiB LoRA / MoLA / loop |"
+    )
     print("|---|---|---|---|---|---|---|")
     for experts in args.experts:
         r = run(experts, args)
