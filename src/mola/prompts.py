@@ -7,9 +7,11 @@ normally starts sequences with a BOS token, that BOS id is put in front of the p
 the rendered prompt already starts with it, as some chat templates do). Training responses end
 with the tokenizer's EOS id; choices scored by log-likelihood do not.
 
-Truncation to ``cutoff_len`` keeps the end of the response intact where possible: first the
-prompt is cut from the left (after the BOS, if any); only if the response alone does not fit is
-the prompt kept at ``cutoff_len // 2`` tokens (its end) and the response cut from the right.
+Truncation to ``cutoff_len`` keeps the end of the response (its EOS) intact where possible: the
+prompt is cut from the left (after the BOS, if any) to make room. The prompt is never cut below
+``cutoff_len // 2`` tokens (or its full length, if shorter); when the response is too long for
+that, the prompt keeps its last ``cutoff_len // 2`` tokens and the response is cut from the
+right. Every response keeps at least one token.
 """
 
 from __future__ import annotations
