@@ -9,8 +9,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> str:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    Readers never see a half-written file; the file gets the usual permissions (``0666`` less
+    the umask), not the private ones of a temporary file. Returns ``path`` as a string.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -18,11 +22,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
