@@ -221,3 +221,28 @@ def test_layer_type_is_mola_linear():
     base, _, _ = build("gpt2")
     model = get_mola_model(base, MolaConfig(target_modules=["c_attn"], num_experts=2))
     assert isinstance(model.base_model.transformer.h[0].attn.c_attn, MolaLinear)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_head_only_at_labelled_positions_matches_full_loss(family):
+    base, targets, _ = build(family)
+    model = get_mola_model(base, MolaConfig(target_modules=targets, num_experts=2,
+                                            lora_dropout=0.0))
+    randomise_adapter(model)
+    ids, mask = inputs(length=12)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :7] = -100  # prompt tokens carry no loss
+    labels[1, :4] = -100
+    full = model(input_ids=ids, attention_mask=mask, labels=labels)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.logits_only_where_labelled = True
+    sparse = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert sparse.logits.shape[1] < full.logits.shape[1]
+    torch.testing.assert_close(sparse.lm_loss, full.lm_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.loss, full.loss, rtol=1e-5, atol=1e-6)
+    sparse.loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
@@ -45,6 +47,7 @@ class MolaModel(nn.Module):
         self.allocation = inject(model, config, self.router_store)
         for name, param in model.named_parameters():
             param.requires_grad_(is_adapter_name(name))
+        self.logits_only_where_labelled = False
         self._layer_routers = [
             build_router(config.router, e, k, config.top_p)
             for e, k in zip(self.allocation["num_experts"], self.allocation["top_k"], strict=True)
@@ -78,7 +81,10 @@ class MolaModel(nn.Module):
             store.clear()
             store.enabled = True
         try:
-            output = self.base_model(*args, labels=labels, **kwargs)
+            if labels is not None and self._can_skip_unlabelled(args, kwargs):
+                output = self._forward_labelled_positions(labels, kwargs)
+            else:
+                output = self.base_model(*args, labels=labels, **kwargs)
         finally:
             store.enabled = capturing
         if labels is not None:
@@ -90,6 +96,28 @@ class MolaModel(nn.Module):
             output["aux_loss"] = aux
             output["router_z_loss"] = z_loss
             output["loss"] = output.loss + cfg.aux_loss_coef * aux + cfg.router_z_loss_coef * z_loss
+        return output
+
+    def _can_skip_unlabelled(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        if not self.logits_only_where_labelled or args or "logits_to_keep" in kwargs:
+            return False
+        forward = inspect.signature(self.base_model.forward).parameters
+        return "logits_to_keep" in forward and "input_ids" in kwargs
+
+    def _forward_labelled_positions(self, labels: Tensor, kwargs: dict[str, Any]) -> Any:
+        """The LM loss with the output head applied only at positions that predict a label.
+
+        Equal to the base model's own loss (mean token cross-entropy over labels != -100), but
+        when the loss covers only the responses, most positions never reach the vocabulary-sized
+        head. ``output.logits`` then holds just those positions.
+        """
+        targets = labels[:, 1:]
+        keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+        output = self.base_model(**kwargs, logits_to_keep=keep)
+        logits = output.logits.float()
+        output["loss"] = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1), ignore_index=-100
+        )
         return output
 
     def router_losses(self, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

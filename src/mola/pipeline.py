@@ -75,6 +75,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         timings["eval_zero_shot_s"] = time.perf_counter() - start
 
     model = get_mola_model(base, mola_config)
+    model.logits_only_where_labelled = True  # same loss, no vocab head on prompt positions
     trainable, total = model.num_parameters_split()
     print(
         f"mola: {len(train_examples)} training examples; experts per layer "

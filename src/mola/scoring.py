@@ -12,6 +12,7 @@ left padding through it; other modules use a simple cache-free greedy loop.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -127,6 +128,15 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (base) model can apply its output head to selected positions only."""
+    target = getattr(model, "base_model", model)
+    try:
+        return "logits_to_keep" in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def score_choices(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -171,13 +181,23 @@ def score_choices(
     pairs.sort(key=lambda pair: -(len(pair[2]) + len(pair[3])))
     logprobs = [[0.0] * len(ex.choices or []) for ex in examples]
     device, pad_id = _device(model), _pad_id(tokenizer)
+    head_positions = accepts_logits_to_keep(model)
     with _EvalMode(model), tqdm(total=len(pairs), desc="scoring", disable=not progress) as bar:
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
             ids, mask = _right_padded([p + c for _, _, p, c in batch], pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for row, (ex_idx, c_idx, prompt, choice) in enumerate(batch):
-                steps = logits[row, len(prompt) - 1 : len(prompt) + len(choice) - 1].float()
+            spans = [range(len(p) - 1, len(p) + len(c) - 1) for _, _, p, c in batch]
+            column = torch.arange(ids.shape[1])  # position -> column of the returned logits
+            kwargs = {}
+            if head_positions:  # the vocabulary head only where a choice token is predicted
+                keep = sorted({pos for span in spans for pos in span})
+                column[keep] = torch.arange(len(keep))
+                kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+            ).logits
+            for row, (ex_idx, c_idx, _, choice) in enumerate(batch):
+                steps = logits[row, column[list(spans[row])].to(logits.device)].float()
                 targets = torch.tensor(choice, dtype=torch.long, device=steps.device)
                 logp = torch.log_softmax(steps, dim=-1).gather(1, targets[:, None]).sum()
                 logprobs[ex_idx][c_idx] = float(logp)
