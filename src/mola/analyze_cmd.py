@@ -32,7 +32,7 @@ DEFAULT_COMPARE_OUTPUT = "mola-compare"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``mola analyze`` options to ``parser``."""
     from .data import TASKS
-    from .prompts import DEFAULT_TEMPLATE, TEMPLATES
+    from .prompts import TEMPLATES
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", metavar="DIR", help="the adapter directory to analyse")
@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit", type=int, default=200, metavar="N", help="examples to run (default 200, 0 = all)"
     )
     parser.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help="prompt template"
+        "--template",
+        choices=TEMPLATES,
+        help="prompt template (default: the adapter's training template, else alpaca)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="examples per forward")
     parser.add_argument("--cutoff-len", type=int, default=256, help="maximum tokens per example")
@@ -160,9 +162,11 @@ def _analyze_adapter(adapter: str, args: argparse.Namespace, data: _Data) -> dic
     import torch
 
     from .analysis import analyze, encode_batches
-    from .loading import load_adapted
+    from .loading import load_adapted, training_template
+    from .prompts import DEFAULT_TEMPLATE
 
     progress = not args.no_progress
+    template = args.template or training_template(adapter) or DEFAULT_TEMPLATE
     examples = None if args.weights_only else data.examples()  # bad data fails before loading
     model, tokenizer = load_adapted(adapter, model=args.model, progress=progress)
     device = _resolve_device(args.device)
@@ -171,7 +175,7 @@ def _analyze_adapter(adapter: str, args: argparse.Namespace, data: _Data) -> dic
         batches = None
         if examples is not None:
             batches = encode_batches(
-                tokenizer, examples, args.template, args.cutoff_len, args.batch_size
+                tokenizer, examples, template, args.cutoff_len, args.batch_size
             )
         report = analyze(model, batches, dead_threshold=args.dead_threshold, progress=progress)
         base = getattr(model.base_model.config, "_name_or_path", None)
@@ -184,7 +188,7 @@ def _analyze_adapter(adapter: str, args: argparse.Namespace, data: _Data) -> dic
         "label": _dir_label(adapter),
         "adapter": os.path.abspath(adapter),
         "base_model": args.model or base,
-        "data": None if examples is None else data.info(),
+        "data": None if examples is None else {**data.info(), "template": template},
     }
     return {**{k: report[k] for k in ("format", "version", "mola_version")}, **meta, **report}
 

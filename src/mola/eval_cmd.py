@@ -10,7 +10,7 @@ from .data import limit_examples, load_examples
 from .evaluation import SCORINGS, evaluate
 from .hub import DEFAULT_MODEL
 from .io import write_json, write_jsonl
-from .loading import load_adapted, load_base
+from .loading import load_adapted, load_base, training_template
 from .prompts import TEMPLATES
 from .report import metrics_table
 
@@ -39,20 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _training_template(adapter: str | None) -> str | None:
-    path = os.path.join(adapter, "train_config.yaml") if adapter else None
-    if path and os.path.isfile(path):
-        import yaml
-
-        with open(path, encoding="utf-8") as fh:
-            return (yaml.safe_load(fh) or {}).get("template")
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
-    template = args.template or _training_template(args.adapter) or "alpaca"
+    template = args.template or training_template(args.adapter) or "alpaca"
     if args.adapter:
         model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
     else:

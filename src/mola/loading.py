@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+import yaml
 
 from .checkpoint import read_adapter_config
 from .hub import BUILTIN_MODELS, DEFAULT_MODEL, load_model_and_tokenizer
@@ -35,3 +37,13 @@ def load_adapted(
     name = model or saved.get("base_model_name_or_path") or DEFAULT_MODEL
     base, tokenizer = load_base(name, progress=progress)
     return MolaModel.from_pretrained(base, adapter_dir).eval(), tokenizer
+
+
+def training_template(adapter_dir: str | None) -> str | None:
+    """The prompt template an adapter was trained with (from ``train_config.yaml``), if known."""
+    path = os.path.join(adapter_dir, "train_config.yaml") if adapter_dir else None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        options = yaml.safe_load(fh)
+    return options.get("template") if isinstance(options, dict) else None
