@@ -226,8 +226,9 @@ def test_layer_type_is_mola_linear():
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_head_only_at_labelled_positions_matches_full_loss(family):
     base, targets, _ = build(family)
-    model = get_mola_model(base, MolaConfig(target_modules=targets, num_experts=2,
-                                            lora_dropout=0.0))
+    model = get_mola_model(
+        base, MolaConfig(target_modules=targets, num_experts=2, lora_dropout=0.0)
+    )
     randomise_adapter(model)
     ids, mask = inputs(length=12)
     labels = ids.masked_fill(mask == 0, -100)

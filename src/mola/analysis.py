@@ -46,6 +46,18 @@ import torch
 from torch import Tensor
 
 from . import __version__
+from .injection import module_keys
+from .redundancy import (
+    METHODS,
+    ModuleRedundancy,
+    expert_redundancy,
+    expert_update_norms,
+    mean_pairwise,
+    module_redundancy,
+    pairwise_expert_distances,
+    redundancy_stats,
+)
+from .report import table as format_table
 from .routing import Router, load_balancing_loss
 
 if TYPE_CHECKING:
@@ -53,16 +65,33 @@ if TYPE_CHECKING:
     from .layer import MolaLinear
     from .model import MolaModel
 
+__all__ = [
+    "METHODS",
+    "ModuleRedundancy",
+    "RoutingCounts",
+    "RoutingStats",
+    "analyze",
+    "build_report",
+    "collect_routing",
+    "encode_batches",
+    "expert_load",
+    "expert_redundancy",
+    "expert_update_norms",
+    "format_summary",
+    "format_table",
+    "mean_pairwise",
+    "module_keys",
+    "module_redundancy",
+    "pairwise_expert_distances",
+    "redundancy_stats",
+    "routing_entropy",
+]
+
 REPORT_FORMAT = "mola-analysis"
 """The ``format`` field of a report (``analysis.json``)."""
 
 REPORT_VERSION = 1
 DEFAULT_DEAD_THRESHOLD = 0.01
-METHODS = ("auto", "gram", "dense")
-
-# Squared distances below this fraction of ||dW_i||^2 + ||dW_j||^2 are rounding noise of the
-# Gram form (float64) and are reported as exactly 0.
-_GRAM_NOISE = 1e-12
 
 
 def _check_threshold(dead_threshold: float) -> None:
@@ -329,30 +358,6 @@ class RoutingStats:
         return self.layer(layer).balance_loss()
 
 
-def module_keys(model: MolaModel) -> dict[str, str]:
-    """Short, per-model unique keys of the adapted modules: qualified name -> key.
-
-    The key is the module's last name component (``q_proj``) when that is unique within the
-    decoder layers, else its path inside the decoder block (GPT-2's ``attn.c_proj`` and
-    ``mlp.c_proj``).
-    """
-    from .injection import find_decoder_layers
-
-    try:
-        prefix = find_decoder_layers(model.base_model)[0]
-    except ValueError:
-        prefix = None
-    relative: dict[str, str] = {}
-    for name, layer in model.mola_layers():
-        head = f"{prefix}.{layer.layer_idx}." if prefix else f"{layer.layer_idx}."
-        relative[name] = name[len(head) :] if name.startswith(head) else name
-    last = {name: rel.rsplit(".", 1)[-1] for name, rel in relative.items()}
-    clashes: dict[str, set[str]] = {}
-    for name, short in last.items():
-        clashes.setdefault(short, set()).add(relative[name])
-    return {name: last[name] if len(clashes[last[name]]) == 1 else relative[name] for name in last}
-
-
 def _layer_routers(model: MolaModel) -> dict[int, Router]:
     routers: dict[int, Router] = {}
     for _, layer in model.mola_layers():
@@ -453,141 +458,6 @@ def encode_batches(
         collate([features[i] for i in order[start : start + batch_size]])
         for start in range(0, len(order), batch_size)
     ]
-
-
-# --------------------------------------------------------------------------- redundancy
-
-
-def _gram(lora_a: Tensor, lora_b: Tensor, method: str) -> tuple[Tensor, str]:
-    """``G[i, j] = <B_i A_i, B_j A_j>_F`` (float64) without forming ``B_e A_e``, or ``dense``."""
-    num, rank, d_in = lora_a.shape
-    d_out = lora_b.shape[1]
-    if method == "auto":
-        method = "gram" if rank * rank * (d_in + d_out) <= d_in * d_out else "dense"
-    if method == "dense":
-        return torch.empty(0), method
-    a, b = lora_a.detach().double(), lora_b.detach().double()
-    gram_a = torch.einsum("ird,jsd->ijrs", a, a)  # A_i A_j^T
-    gram_b = torch.einsum("ior,jos->ijrs", b, b)  # B_i^T B_j
-    # <B_i A_i, B_j A_j>_F = tr(A_i^T B_i^T B_j A_j) = sum_rs (B_i^T B_j)_rs (A_i A_j^T)_rs
-    gram = (gram_a * gram_b).sum(dim=(-2, -1))
-    return (gram + gram.T) / 2, method  # exactly symmetric despite rounding order
-
-
-def _check_experts(lora_a: Tensor, lora_b: Tensor, method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method: unknown {method!r}; choose from {', '.join(METHODS)}")
-    if lora_a.dim() != 3 or lora_b.dim() != 3:
-        raise ValueError("lora_A must be (E, r, d_in) and lora_B (E, d_out, r)")
-    if lora_a.shape[0] != lora_b.shape[0] or lora_a.shape[1] != lora_b.shape[2]:
-        raise ValueError(
-            f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit: need "
-            f"(E, r, d_in) and (E, d_out, r)"
-        )
-
-
-def pairwise_expert_distances(
-    lora_A: Tensor, lora_B: Tensor, scaling: float = 1.0, *, method: str = "auto"
-) -> Tensor:
-    """``D[i, j] = ||scaling * (B_i A_i - B_j A_j)||_F`` for all expert pairs, in float64.
-
-    ``gram`` never forms a ``d_out x d_in`` matrix: with the ``r x r`` Gram matrices,
-    ``||B_i A_i - B_j A_j||^2 = tr((A_i A_i^T)(B_i^T B_i)) + tr((A_j A_j^T)(B_j^T B_j))
-    - 2 tr((A_j A_i^T)(B_i^T B_j))``; tiny negative (and noise-level) results become 0.
-    ``dense`` forms every update and subtracts. ``auto`` picks ``gram`` when
-    ``r^2 (d_in + d_out) <= d_in d_out``, i.e. when it is the cheaper one.
-
-    Args:
-        lora_A: ``(E, r, d_in)``.
-        lora_B: ``(E, d_out, r)``.
-        scaling: the LoRA scale ``alpha / r``.
-        method: ``auto``, ``gram`` or ``dense``.
-
-    Returns:
-        A symmetric ``(E, E)`` float64 CPU tensor with a zero diagonal.
-    """
-    _check_experts(lora_A, lora_B, method)
-    gram, used = _gram(lora_A, lora_B, method)
-    num = lora_A.shape[0]
-    if used == "dense":
-        updates = torch.einsum("eor,erd->eod", lora_B.detach().double(), lora_A.detach().double())
-        dist = torch.zeros(num, num, dtype=torch.float64, device=updates.device)
-        for i in range(num):
-            for j in range(i + 1, num):
-                dist[i, j] = dist[j, i] = torch.linalg.matrix_norm(updates[i] - updates[j])
-        return (dist * abs(scaling)).cpu()
-    diag = gram.diagonal()
-    scale = diag[:, None] + diag[None, :]
-    squared = scale - 2.0 * gram
-    squared = torch.where(squared <= _GRAM_NOISE * scale, torch.zeros_like(squared), squared)
-    squared.fill_diagonal_(0.0)
-    return (squared.sqrt() * abs(scaling)).cpu()
-
-
-def expert_update_norms(lora_A: Tensor, lora_B: Tensor, scaling: float = 1.0) -> Tensor:
-    """``||scaling * B_e A_e||_F`` per expert (float64 ``(E,)``), via the Gram form."""
-    _check_experts(lora_A, lora_B, "gram")
-    gram, _ = _gram(lora_A, lora_B, "gram")
-    return (gram.diagonal().clamp_min(0.0).sqrt() * abs(scaling)).cpu()
-
-
-def mean_pairwise(distances: Tensor) -> float:
-    """Mean of the off-diagonal upper triangle of ``(E, E)`` distances; NaN for ``E < 2``."""
-    num = distances.shape[0]
-    if num < 2:
-        return math.nan
-    i, j = torch.triu_indices(num, num, offset=1)
-    return float(distances[i, j].mean())
-
-
-def expert_redundancy(
-    lora_A: Tensor, lora_B: Tensor, scaling: float = 1.0, *, method: str = "auto"
-) -> float:
-    """MoLA's redundancy measure: the mean pairwise ``||dW_i - dW_j||_F`` (NaN for one expert).
-
-    Lower means more redundant experts; identical experts give 0.
-    """
-    return mean_pairwise(pairwise_expert_distances(lora_A, lora_B, scaling, method=method))
-
-
-@dataclass
-class ModuleRedundancy:
-    """The experts of one adapted module compared by their weights.
-
-    Attributes:
-        distances: ``(E, E)`` pairwise ``||dW_i - dW_j||_F``.
-        norms: ``(E,)`` ``||dW_e||_F``.
-    """
-
-    distances: Tensor
-    norms: Tensor
-
-    @property
-    def redundancy(self) -> float:
-        """Mean pairwise distance (NaN for a single expert)."""
-        return mean_pairwise(self.distances)
-
-
-def module_redundancy(layer: MolaLinear, *, method: str = "auto") -> ModuleRedundancy:
-    """Pairwise distances and norms of one :class:`~mola.layer.MolaLinear`'s expert updates."""
-    a, b = layer.lora_A, layer.lora_B
-    return ModuleRedundancy(
-        pairwise_expert_distances(a, b, layer.scaling, method=method),
-        expert_update_norms(a, b, layer.scaling),
-    )
-
-
-def redundancy_stats(
-    model: MolaModel, *, method: str = "auto"
-) -> dict[tuple[int, str], ModuleRedundancy]:
-    """``{(layer, module key): ModuleRedundancy}`` for every adapted module (weights only)."""
-    keys = module_keys(model)
-    out: dict[tuple[int, str], ModuleRedundancy] = {}
-    with torch.no_grad():
-        for name, layer in model.mola_layers():
-            idx = -1 if layer.layer_idx is None else layer.layer_idx
-            out[(idx, keys[name])] = module_redundancy(layer, method=method)
-    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -727,21 +597,6 @@ def analyze(
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Right-aligned plain-text table (first column left-aligned)."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
 def _dead_text(dead: list[int] | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -10,6 +11,9 @@ from .collect import RouterLogitsStore
 from .config import MolaConfig
 from .layer import MolaLinear, is_supported
 from .routing import build_router
+
+if TYPE_CHECKING:
+    from .model import MolaModel
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -92,3 +96,25 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
             f"linear modules there: {', '.join(names)}"
         )
     return allocation
+
+
+def module_keys(model: MolaModel) -> dict[str, str]:
+    """Short, per-model unique keys of the adapted modules: qualified name -> key.
+
+    The key is the module's last name component (``q_proj``) when that is unique within the
+    decoder layers, else its path inside the decoder block (GPT-2's ``attn.c_proj`` and
+    ``mlp.c_proj``).
+    """
+    try:
+        prefix = find_decoder_layers(model.base_model)[0]
+    except ValueError:
+        prefix = None
+    relative: dict[str, str] = {}
+    for name, layer in model.mola_layers():
+        head = f"{prefix}.{layer.layer_idx}." if prefix else f"{layer.layer_idx}."
+        relative[name] = name[len(head) :] if name.startswith(head) else name
+    last = {name: rel.rsplit(".", 1)[-1] for name, rel in relative.items()}
+    clashes: dict[str, set[str]] = {}
+    for name, short in last.items():
+        clashes.setdefault(short, set()).add(relative[name])
+    return {name: last[name] if len(clashes[last[name]]) == 1 else relative[name] for name in last}
