@@ -1,0 +1,91 @@
+"""Training options: YAML + flags precedence, validation, and the MolaConfig they describe."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from mola.options import TrainOptions, add_option_flags, options_from_args, read_yaml
+from mola.report import metrics_table, table
+from mola.trainer import last_checkpoint, training_arguments
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_and_config():
+    opts = options_from_args(parse([]))
+    assert opts == TrainOptions()
+    cfg = opts.mola_config()
+    assert cfg.num_experts == "inverted-triangle" and cfg.top_k == "2" and cfg.r == "8"
+    assert cfg.resolve(30)["num_experts"].count(8) == 7
+
+
+def test_yaml_then_flags_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.001\nexperts: [2, 4]\ntrain-on-inputs: true\nmax_steps: '7'\n")
+    opts = options_from_args(parse([str(path), "--lr", "0.002"]), batch_size=3)
+    assert opts.lr == 0.002 and opts.experts == "2,4" and opts.train_on_inputs
+    assert opts.max_steps == 7 and opts.batch_size == 3
+    assert options_from_args(parse(["--no-eval"])).eval is False
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("lr: [1\n", "invalid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("learning_rate: 1\n", "unknown option 'learning_rate'"),
+        ("max_steps: many\n", "max_steps must be a int"),
+    ],
+)
+def test_bad_yaml(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_yaml(str(path))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"batch_size": 0}, "--batch-size"),
+        ({"lr": 0}, "--lr"),
+        ({"epochs": 0}, "--epochs"),
+        ({"router": "x"}, "router: unknown router"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainOptions(**kwargs).mola_config()
+
+
+def test_training_arguments_schedule(tmp_path):
+    args = training_arguments(
+        TrainOptions(output=str(tmp_path), max_steps=40, warmup_ratio=0.1, save_steps=0),
+        num_examples=100,
+    )
+    assert args.max_steps == 40 and args.warmup_steps == 4 and args.save_strategy == "no"
+    assert args.remove_unused_columns is False
+
+
+def test_last_checkpoint(tmp_path):
+    assert last_checkpoint(str(tmp_path)) is None
+    for step in (5, 20, 100):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (5, 20):
+        (tmp_path / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"")
+    assert last_checkpoint(str(tmp_path)).endswith("checkpoint-20")  # 100 holds no adapter
+
+
+def test_tables():
+    text = table(["name", "value"], [["a", 1.5], ["long name", 10]])
+    lines = text.splitlines()
+    assert lines[0] == "name        value" and set(lines[1]) == {"-", " "}
+    assert lines[2] == "a          1.5000" and lines[3] == "long name      10"
+    both = metrics_table({"zero_shot": {"accuracy": 0.5}, "fine_tuned": {"accuracy": 0.75}})
+    assert "zero_shot" in both and "0.7500" in both
