@@ -224,3 +224,28 @@ def test_generation_stops_at_eos(tiny_llama):
     assert [r["generation"] for r in records] == ["B", "B"]
     assert [r["pred"] for r in records] == [1, 1]
     assert metrics["accuracy"] == 0.5 and metrics["unparsed"] == 0
+
+
+def test_single_token_choices_share_one_prompt_pass(tiny_llama):
+    model, tokenizer = tiny_llama
+    examples = [
+        Example("Is this news headline sarcastic?", "area man wins lottery", "y", ["n", "y"]),
+        Example("Pick a letter.", "", "b", ["a", "b", "c"]),
+        Example("Pick another letter.", "", "a", ["a", "c"]),
+    ]
+    for example in examples:  # single characters are single byte-level tokens
+        assert all(len(i) == 1 for i in encode_choices(tokenizer, example, "alpaca", 256)[1])
+    rows = []
+
+    class Counting(ForwardOnly):
+        def forward(self, input_ids, attention_mask):
+            rows.append(input_ids.shape[0])
+            return super().forward(input_ids, attention_mask)
+
+    results = score_choices(
+        Counting(model), tokenizer, examples, "alpaca", batch_size=2, progress=False
+    )
+    assert sum(rows) == len(examples)  # one sequence per example, not one per choice
+    for example, result in zip(examples, results, strict=True):
+        sums, _ = reference_logprobs(model, tokenizer, example, "alpaca", 256)
+        assert result["logprobs"] == pytest.approx(sums, abs=1e-4)

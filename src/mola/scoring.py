@@ -151,7 +151,8 @@ def score_choices(
     """Score each choice of each example by its summed log-likelihood given the prompt.
 
     All (example, choice) sequences are batched together (longest first, right padding with an
-    attention mask).
+    attention mask). When all of an example's choices are single tokens, its prompt is run once
+    and every choice read from the same next-token distribution.
 
     Args:
         model: Causal LM; ``model(input_ids=, attention_mask=).logits`` is used.
@@ -170,37 +171,50 @@ def score_choices(
     _check_choices(examples)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    pairs = []  # (example index, choice index, prompt ids, choice ids)
+    # A job is one sequence to run: (example index, token ids, [(choice, first position, ids)]).
+    # When every choice is a single token, one prompt-only sequence scores them all.
+    jobs: list[tuple[int, list[int], list[tuple[int, int, list[int]]]]] = []
     counts = []
     for ex_idx, example in enumerate(examples):
         prompt, choices = encode_choices(
             tokenizer, example, template, cutoff_len, show_choices=show_choices
         )
         counts.append([len(ids) for ids in choices])
-        pairs.extend((ex_idx, c_idx, prompt, ids) for c_idx, ids in enumerate(choices))
-    pairs.sort(key=lambda pair: -(len(pair[2]) + len(pair[3])))
+        start = len(prompt) - 1
+        if all(len(ids) == 1 for ids in choices):
+            jobs.append((ex_idx, prompt, [(c, start, ids) for c, ids in enumerate(choices)]))
+        else:
+            jobs.extend((ex_idx, prompt + ids, [(c, start, ids)]) for c, ids in enumerate(choices))
+    jobs.sort(key=lambda job: -len(job[1]))
     logprobs = [[0.0] * len(ex.choices or []) for ex in examples]
     device, pad_id = _device(model), _pad_id(tokenizer)
     head_positions = accepts_logits_to_keep(model)
-    with _EvalMode(model), tqdm(total=len(pairs), desc="scoring", disable=not progress) as bar:
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start : start + batch_size]
-            ids, mask = _right_padded([p + c for _, _, p, c in batch], pad_id)
-            spans = [range(len(p) - 1, len(p) + len(c) - 1) for _, _, p, c in batch]
+    with _EvalMode(model), tqdm(total=len(jobs), desc="scoring", disable=not progress) as bar:
+        for first in range(0, len(jobs), batch_size):
+            batch = jobs[first : first + batch_size]
+            ids, mask = _right_padded([seq for _, seq, _ in batch], pad_id)
             column = torch.arange(ids.shape[1])  # position -> column of the returned logits
             kwargs = {}
             if head_positions:  # the vocabulary head only where a choice token is predicted
-                keep = sorted({pos for span in spans for pos in span})
+                keep = sorted(
+                    {
+                        pos
+                        for _, _, scored in batch
+                        for _, at, c in scored
+                        for pos in range(at, at + len(c))
+                    }
+                )
                 column[keep] = torch.arange(len(keep))
                 kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
             logits = model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
             ).logits
-            for row, (ex_idx, c_idx, _, choice) in enumerate(batch):
-                steps = logits[row, column[list(spans[row])].to(logits.device)].float()
-                targets = torch.tensor(choice, dtype=torch.long, device=steps.device)
-                logp = torch.log_softmax(steps, dim=-1).gather(1, targets[:, None]).sum()
-                logprobs[ex_idx][c_idx] = float(logp)
+            for row, (ex_idx, _, scored) in enumerate(batch):
+                for c_idx, at, choice in scored:
+                    cols = column[at : at + len(choice)].to(logits.device)
+                    logp = torch.log_softmax(logits[row, cols].float(), dim=-1)
+                    targets = torch.tensor(choice, dtype=torch.long, device=logp.device)
+                    logprobs[ex_idx][c_idx] = float(logp.gather(1, targets[:, None]).sum())
             bar.update(len(batch))
     results = []
     for example, sums, num_tokens in zip(examples, logprobs, counts, strict=True):
