@@ -1,7 +1,8 @@
 """``mola demo``: the main job. Fine-tunes the default model on the default task with the
 default MoLA recipe and prints zero-shot and fine-tuned accuracy on the held-out test split.
 
-The recipe (tuned on the training split only; see README) is :data:`DEMO_RECIPE`; any training
+The recipe is :data:`DEMO_RECIPE`. It was tuned on the training split only (train on its first
+480 items, validate on its last 300; lr 2e-3 beat 3e-3, 60 steps matched 100). Any training
 flag overrides it, e.g. ``mola demo --task siqa``.
 """
 
@@ -17,16 +18,18 @@ HELP = "the main job: fine-tune the default recipe and print accuracy before/aft
 DEMO_RECIPE: dict[str, object] = {
     "model": "smollm2-135m",
     "task": "sarcasm",
+    "template": "qa",  # short prompts: a CPU step costs ~linear in tokens
     "experts": "inverted-triangle",
     "top_k": "2",
     "r": "8",
-    "lr": 5e-4,
-    "max_steps": 150,
+    "lr": 2e-3,
+    "max_steps": 60,
     "batch_size": 8,
-    "train_limit": 1200,
+    "train_limit": 480,  # one pass over 480 training headlines
     "cutoff_len": 128,
     "save_steps": 0,
     "eval_before": True,
+    "eval_batch_size": 32,
     "output": "runs/demo",
 }
 
