@@ -108,7 +108,7 @@ def test_shapes_names_and_init_statistics():
 
 
 def test_dropout_mask_is_shared_by_experts():
-    """With dropout, the delta equals the dense form applied to one dropped-out x."""
+    """With dropout, the output is the per-expert formula applied to one dropped-out x."""
     layer = make_layer(64, 8, 4, 2)
     layer.lora_dropout = nn.Dropout(0.5)
     layer.train()
@@ -117,10 +117,14 @@ def test_dropout_mask_is_shared_by_experts():
     out = layer(x)
     torch.manual_seed(3)
     dropped = nn.functional.dropout(x, 0.5, training=True)
-    gates, _ = layer.routing.route(layer.router_logits(x))
-    layer.lora_dropout = nn.Identity()
-    expected = layer.base_layer(x) + layer.expert_delta(dropped, gates)
+    gates, _ = layer.routing.route(layer.router_logits(x))  # the router sees x itself
+    expected = layer.base_layer(x)
+    for e in range(4):
+        update = dropped @ layer.lora_A[e].T @ layer.lora_B[e].T
+        expected = expected + gates[:, e, None] * layer.scaling * update
     torch.testing.assert_close(out, expected)
+    layer.eval()  # no dropout in eval mode: the fused projection gives the oracle's output
+    torch.testing.assert_close(layer(x), oracle_forward(layer, x, "topk", 2))
 
 
 def test_conv1d_base_layer_matches_transposed_linear():

@@ -125,22 +125,31 @@ class MolaLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        logits = self.router_logits(x)
+        logits, h = self._project(x.reshape(-1, self.in_features).to(self.lora_A.dtype))
         if self.store is not None and self.store.enabled:
             self.store.add(self.layer_idx, self.module_name, logits)
         gates, _ = self.routing.route(logits)
-        return result + self.expert_delta(x, gates).to(result.dtype)
+        return self._mix(result, h, gates)
 
-    def expert_delta(self, x: Tensor, gates: Tensor) -> Tensor:
-        """``scaling * sum_e g_e B_e A_e dropout(x)`` in the dense-gated form."""
-        num, rank, d_in, d_out = self.num_experts, self.r, self.in_features, self.out_features
-        lead = x.shape[:-1]
-        xd = self.lora_dropout(x.reshape(-1, d_in).to(self.lora_A.dtype))
-        h = F.linear(xd, self.lora_A.reshape(num * rank, d_in))  # (N, E*r)
+    def _project(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Router logits ``(N, E)`` of ``x`` and every expert's ``A_e dropout(x)``, ``(N, E*r)``."""
+        a = self.lora_A.reshape(self.num_experts * self.r, self.in_features)
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            return self.router(flat), F.linear(self.lora_dropout(flat), a)
+        # without dropout, one matmul gives the router logits and all experts' projections
+        both = F.linear(flat, torch.cat([self.router.weight, a]))
+        return both[:, : self.num_experts], both[:, self.num_experts :]
+
+    def _mix(self, result: Tensor, h: Tensor, gates: Tensor) -> Tensor:
+        """``result + scaling * sum_e g_e B_e h_e``: gate each expert's r columns, one matmul."""
+        num, rank, d_out = self.num_experts, self.r, self.out_features
         g = (gates * self.scaling).to(h.dtype)  # (N, E)
-        h = (h.view(-1, num, rank) * g.unsqueeze(-1)).view(-1, num * rank)
+        h = (h.reshape(-1, num, rank) * g.unsqueeze(-1)).reshape(-1, num * rank)
         w_b = self.lora_B.transpose(0, 1).reshape(d_out, num * rank)  # [o, e*r+j] = B[e, o, j]
-        return F.linear(h, w_b).view(*lead, d_out)
+        flat = result.reshape(-1, d_out)
+        if flat.dtype == h.dtype:  # fused: result + h @ w_b^T in one kernel
+            return torch.addmm(flat, h, w_b.t()).view(result.shape)
+        return result + F.linear(h, w_b).view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         return (
