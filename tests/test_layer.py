@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mola import MolaLinear
+from mola.layer import DroppedLinear, dropout_mask
 
 SHAPES = [(7, 5), (16, 33), (33, 16)]
 CASES = [(E, k) for E in (1, 2, 3, 8) for k in sorted({1, 2, E}) if k <= E]
@@ -116,7 +117,7 @@ def test_dropout_mask_is_shared_by_experts():
     torch.manual_seed(3)
     out = layer(x)
     torch.manual_seed(3)
-    dropped = nn.functional.dropout(x, 0.5, training=True)
+    dropped = x * dropout_mask(x, 0.5) / 0.5
     gates, _ = layer.routing.route(layer.router_logits(x))  # the router sees x itself
     expected = layer.base_layer(x)
     for e in range(4):
@@ -174,3 +175,22 @@ def test_no_python_loop_over_experts_in_forward_graph():
         return len(seen)
 
     assert count_nodes(2) == count_nodes(8)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_dropped_linear_matches_autograd_of_plain_dropout(dtype, tol):
+    torch.manual_seed(0)
+    x = torch.randn(7, 13, dtype=dtype, requires_grad=True)
+    w = torch.randn(5, 13, dtype=dtype, requires_grad=True)
+    keep = dropout_mask(x, 0.3)
+    assert keep.dtype == torch.bool and 0.5 < keep.float().mean() < 0.9
+    fast = DroppedLinear.apply(x, w, keep, 1 / 0.7)
+    plain = nn.functional.linear(x * keep / 0.7, w)
+    torch.testing.assert_close(fast, plain, rtol=tol, atol=tol)
+    upstream = torch.randn_like(fast)
+    for a, b in zip(
+        torch.autograd.grad(fast, (x, w), upstream),
+        torch.autograd.grad(plain, (x, w), upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

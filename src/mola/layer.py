@@ -19,7 +19,7 @@ it equals the per-expert sum exactly. Dropout draws one mask on ``x`` that all e
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,36 @@ def is_supported(module: nn.Module) -> bool:
     except ValueError:
         return False
     return True
+
+
+def dropout_mask(x: Tensor, p: float) -> Tensor:
+    """A boolean keep-mask for ``x``: each element kept with probability ``1 - p``."""
+    return torch.rand_like(x) >= p
+
+
+class DroppedLinear(torch.autograd.Function):
+    """``F.linear(x * keep / (1 - p), weight)`` that saves ``x`` and a boolean mask for backward.
+
+    Plain dropout followed by a linear layer keeps the dropped-out copy of ``x`` (4 bytes per
+    element) alive until backward; the router already keeps ``x`` itself, so saving the 1-byte
+    mask and re-applying it in backward costs one multiply and saves that copy.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        return F.linear(x * keep * scale, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, weight, keep = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight) * keep * ctx.scale
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t() @ (x * keep * ctx.scale)
+        return grad_x, grad_w, None, None
 
 
 class MolaLinear(nn.Module):
@@ -134,8 +164,10 @@ class MolaLinear(nn.Module):
     def _project(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Router logits ``(N, E)`` of ``x`` and every expert's ``A_e dropout(x)``, ``(N, E*r)``."""
         a = self.lora_A.reshape(self.num_experts * self.r, self.in_features)
-        if self.training and not isinstance(self.lora_dropout, nn.Identity):
-            return self.router(flat), F.linear(self.lora_dropout(flat), a)
+        p = getattr(self.lora_dropout, "p", 0.0)
+        if self.training and p > 0:
+            keep = dropout_mask(flat, p)
+            return self.router(flat), DroppedLinear.apply(flat, a, keep, 1.0 / (1.0 - p))
         # without dropout, one matmul gives the router logits and all experts' projections
         both = F.linear(flat, torch.cat([self.router.weight, a]))
         return both[:, : self.num_experts], both[:, self.num_experts :]
