@@ -48,6 +48,7 @@ class MolaModel(nn.Module):
         for name, param in model.named_parameters():
             param.requires_grad_(is_adapter_name(name))
         self.logits_only_where_labelled = False
+        self._head_takes_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._layer_routers = [
             build_router(config.router, e, k, config.top_p)
             for e, k in zip(self.allocation["num_experts"], self.allocation["top_k"], strict=True)
@@ -101,8 +102,7 @@ class MolaModel(nn.Module):
     def _can_skip_unlabelled(self, args: tuple, kwargs: dict[str, Any]) -> bool:
         if not self.logits_only_where_labelled or args or "logits_to_keep" in kwargs:
             return False
-        forward = inspect.signature(self.base_model.forward).parameters
-        return "logits_to_keep" in forward and "input_ids" in kwargs
+        return self._head_takes_positions and "input_ids" in kwargs
 
     def _forward_labelled_positions(self, labels: Tensor, kwargs: dict[str, Any]) -> Any:
         """The LM loss with the output head applied only at positions that predict a label.
