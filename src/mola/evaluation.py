@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, Example
 from .prompts import DataCollator, encode_for_training, render_prompt
-from .scoring import evaluate_generation, evaluate_multiple_choice
+from .scoring import EvalMode, evaluate_generation, evaluate_multiple_choice
 
 SCORINGS = ("loglik", "generate")
 
@@ -76,38 +76,33 @@ def response_loss(
     device = next(model.parameters()).device
     records: list[dict[str, Any]] = []
     total_nll, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            starts = range(0, len(examples), batch_size)
-            for start in tqdm(starts, desc="eval", disable=not progress, unit="batch"):
-                chunk = examples[start : start + batch_size]
-                batch = collate(
-                    [encode_for_training(tokenizer, e, template, cutoff_len) for e in chunk]
+    with EvalMode(model):
+        starts = range(0, len(examples), batch_size)
+        for start in tqdm(starts, desc="eval", disable=not progress, unit="batch"):
+            chunk = examples[start : start + batch_size]
+            batch = collate(
+                [encode_for_training(tokenizer, e, template, cutoff_len) for e in chunk]
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
+            targets = batch["labels"][:, 1:]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            mask = targets != -100
+            picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            nll = -(picked * mask).sum(dim=1)
+            counts = mask.sum(dim=1)
+            for e, n, c in zip(chunk, nll.tolist(), counts.tolist(), strict=True):
+                records.append(
+                    {
+                        "prompt": render_prompt(e, template, tokenizer),
+                        "output": e.output,
+                        "nll": n,
+                        "tokens": c,
+                    }
                 )
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits.float()
-                targets = batch["labels"][:, 1:]
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                mask = targets != -100
-                picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                nll = -(picked * mask).sum(dim=1)
-                counts = mask.sum(dim=1)
-                for e, n, c in zip(chunk, nll.tolist(), counts.tolist(), strict=True):
-                    records.append(
-                        {
-                            "prompt": render_prompt(e, template, tokenizer),
-                            "output": e.output,
-                            "nll": n,
-                            "tokens": c,
-                        }
-                    )
-                    total_nll += n
-                    total_tokens += c
-    finally:
-        model.train(was_training)
+                total_nll += n
+                total_tokens += c
     mean = total_nll / max(total_tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "n": len(examples)}, records

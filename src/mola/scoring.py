@@ -111,7 +111,7 @@ def _check_choices(examples: Sequence[Example]) -> None:
             )
 
 
-class _EvalMode:
+class EvalMode:
     """Context manager: eval mode + inference mode, restoring the training flag."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -189,7 +189,7 @@ def score_choices(
     logprobs = [[0.0] * len(ex.choices or []) for ex in examples]
     device, pad_id = _device(model), _pad_id(tokenizer)
     head_positions = accepts_logits_to_keep(model)
-    with _EvalMode(model), tqdm(total=len(jobs), desc="scoring", disable=not progress) as bar:
+    with EvalMode(model), tqdm(total=len(jobs), desc="scoring", disable=not progress) as bar:
         for first in range(0, len(jobs), batch_size):
             batch = jobs[first : first + batch_size]
             ids, mask = _right_padded([seq for _, seq, _ in batch], pad_id)
@@ -464,7 +464,7 @@ def evaluate_generation(
     ]
     generate = _generate_hf if callable(getattr(model, "generate", None)) else _generate_loop
     texts: list[str] = []
-    with _EvalMode(model), tqdm(total=len(prompts), desc="generating", disable=not progress) as bar:
+    with EvalMode(model), tqdm(total=len(prompts), desc="generating", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
             for new_ids in generate(model, batch, tokenizer, max_new_tokens):
