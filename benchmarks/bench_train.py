@@ -23,9 +23,9 @@ import time
 import torch
 
 from mola import MolaConfig, get_mola_model
-from mola.data import load_task
-from mola.loading import load_base
-from mola.prompts import DataCollator, encode_for_training
+from mola.data.datasets import load_task
+from mola.data.prompts import DataCollator, encode_for_training
+from mola.models.loading import load_base
 
 
 def peft_lora(model: torch.nn.Module, cfg: MolaConfig) -> torch.nn.Module:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mola.layer import MolaLinear
+from mola.core.layer import MolaLinear
 
 
 def oracle_gates(probs: list[float], router: str, top_k: int | None, top_p: float | None):

@@ -12,7 +12,17 @@ from models import build
 from PIL import Image
 
 from mola import MolaConfig, build_router, get_mola_model, load_balancing_loss
-from mola.analysis import (
+from mola.analysis.plots import (
+    DPI,
+    load_matrix,
+    plot_compare_entropy,
+    plot_compare_redundancy,
+    plot_entropy,
+    plot_expert_load,
+    plot_redundancy,
+    save_plots,
+)
+from mola.analysis.report import (
     RoutingCounts,
     RoutingStats,
     analyze,
@@ -26,16 +36,6 @@ from mola.analysis import (
     pairwise_expert_distances,
     redundancy_stats,
     routing_entropy,
-)
-from mola.plots import (
-    DPI,
-    load_matrix,
-    plot_compare_entropy,
-    plot_compare_redundancy,
-    plot_entropy,
-    plot_expert_load,
-    plot_redundancy,
-    save_plots,
 )
 
 # ----------------------------------------------------------------------------- routing numbers

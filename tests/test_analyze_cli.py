@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mola import MolaConfig, get_mola_model
+from mola.analysis.plots import DPI, plot_compare_redundancy, plot_entropy, plot_expert_load
 from mola.cli import main
-from mola.data import load_file as load_data_file
-from mola.plots import DPI, plot_compare_redundancy, plot_entropy, plot_expert_load
-from mola.prompts import encode_for_training
+from mola.data.datasets import load_file as load_data_file
+from mola.data.prompts import encode_for_training
 
 ROWS = [
     {"question": "What color is the sky?", "choices": ["blue", "green"], "answer": "A"},

@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from mola import data
-from mola.data import TEST_SIZE, DataError, Example, limit_examples, load_examples, load_file
+from mola.data import datasets as data
+from mola.data.datasets import (
+    TEST_SIZE,
+    DataError,
+    Example,
+    limit_examples,
+    load_examples,
+    load_file,
+)
 
 INSTRUCTION_ROWS = [
     {"instruction": "Name a fruit.", "output": "apple"},

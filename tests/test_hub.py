@@ -14,9 +14,9 @@ import torch
 from conftest import build_tiny_tokenizer
 from transformers.utils import logging as hf_logging
 
-from mola import hub
-from mola.data import DataError
-from mola.hub import BuiltinModel, cache_dir, load_model_and_tokenizer
+from mola.data.datasets import DataError
+from mola.models import hub
+from mola.models.hub import BuiltinModel, cache_dir, load_model_and_tokenizer
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mola import MolaLinear
-from mola.layer import DroppedLinear, dropout_mask
+from mola.core.layer import DroppedLinear, dropout_mask
 
 SHAPES = [(7, 5), (16, 33), (33, 16)]
 CASES = [(E, k) for E in (1, 2, 3, 8) for k in sorted({1, 2, E}) if k <= E]

@@ -10,7 +10,7 @@ from models import FAMILIES, build
 from safetensors.torch import load_file
 
 from mola import MolaConfig, MolaLinear, MolaModel, get_mola_model
-from mola.injection import find_decoder_layers
+from mola.core.injection import find_decoder_layers
 
 FAMILY_NAMES = list(FAMILIES)
 

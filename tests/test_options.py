@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from mola.options import TrainOptions, add_option_flags, options_from_args, read_yaml
-from mola.report import metrics_table, table
-from mola.trainer import last_checkpoint, training_arguments
+from mola.training.options import TrainOptions, add_option_flags, options_from_args, read_yaml
+from mola.training.trainer import last_checkpoint, training_arguments
+from mola.utils.tables import metrics_table, table
 
 
 def parse(argv):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import build_tiny_tokenizer
 
-from mola.data import DataError, Example
-from mola.prompts import (
+from mola.data.datasets import DataError, Example
+from mola.data.prompts import (
     IGNORE_INDEX,
     TEMPLATES,
     DataCollator,

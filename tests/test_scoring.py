@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mola.data import DataError, Example
-from mola.prompts import encode_choices
-from mola.scoring import (
+from mola.data.datasets import DataError, Example
+from mola.data.prompts import encode_choices
+from mola.evaluation.scoring import (
     classification_metrics,
     evaluate_generation,
     evaluate_multiple_choice,

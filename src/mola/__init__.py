@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from .allocation import SHAPES, allocate  # noqa: E402
-from .config import MolaConfig  # noqa: E402
-from .layer import MolaLinear  # noqa: E402
-from .model import MolaModel, get_mola_model  # noqa: E402
-from .routing import ROUTERS, build_router, load_balancing_loss, router_z_loss  # noqa: E402
+from mola.core.allocation import SHAPES, allocate  # noqa: E402
+from mola.core.config import MolaConfig  # noqa: E402
+from mola.core.layer import MolaLinear  # noqa: E402
+from mola.core.model import MolaModel, get_mola_model  # noqa: E402
+from mola.routing import ROUTERS, build_router, load_balancing_loss, router_z_loss  # noqa: E402
 
 __all__ = [
     "ROUTERS",

@@ -12,14 +12,14 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from mola import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mola.train_cmd", "fine-tune a model with layer-wise MoE-LoRA"),
-    "eval": ("mola.eval_cmd", "evaluate an adapter (or the base model) on a task or file"),
-    "generate": ("mola.generate_cmd", "generate text with an adapter, streaming"),
-    "demo": ("mola.demo_cmd", "the main job: train the default recipe, print before/after"),
-    "analyze": ("mola.analyze_cmd", "routing and expert analysis of a trained adapter"),
+    "train": ("mola.commands.train", "fine-tune a model with layer-wise MoE-LoRA"),
+    "eval": ("mola.commands.eval", "evaluate an adapter (or the base model) on a task or file"),
+    "generate": ("mola.commands.generate", "generate text with an adapter, streaming"),
+    "demo": ("mola.commands.demo", "the main job: train the default recipe, print before/after"),
+    "analyze": ("mola.commands.analyze", "routing and expert analysis of a trained adapter"),
 }
 
 

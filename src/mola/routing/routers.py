@@ -19,8 +19,6 @@ All of it is tensor code without host syncs, so it is safe on the hot path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -133,61 +131,3 @@ def build_router(
     if name == "topp" and (top_p is None or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p: the 'topp' router needs 0 < top_p <= 1, got {top_p}")
     return cls(num_experts, top_k if cls.uses_top_k else None, top_p)
-
-
-def load_balancing_loss(
-    logits: Sequence[Tensor], router: Router, attention_mask: Tensor | None = None
-) -> Tensor:
-    """MoLA's load-balancing loss for one decoder layer.
-
-    The logits of all of the layer's adapted modules are stacked row-wise (``tokens x modules``
-    rows, ``E`` columns). With ``f_i`` the share of the selected (row, expert) assignments that go
-    to expert ``i`` (so ``sum_i f_i = 1``) and ``P_i`` the mean router probability of expert ``i``
-    over the rows, the loss is ``E * sum_i f_i * P_i``; it equals 1 for a perfectly uniform router.
-    This follows the MoLA paper's code. MoE-PEFT instead counts ``f_i`` per top-k slot, which makes
-    ``sum_i f_i = k`` and the loss ``k`` times larger.
-
-    Args:
-        logits: router logits of each module, each ``(N, E)`` (or ``(B, T, E)``).
-        router: the layer's router; it decides which assignments count as selected.
-        attention_mask: optional ``(B, T)`` mask; rows where it is 0 (padding) are left out.
-
-    Returns:
-        A scalar fp32 tensor.
-    """
-    z, keep = _stack(logits, attention_mask)
-    probs = torch.softmax(z.float(), dim=-1)
-    _, mask = router.select(probs)
-    if keep is not None:
-        probs = probs * keep[:, None]
-        mask = mask & keep[:, None].bool()
-        rows = keep.sum().clamp_min(1)
-    else:
-        rows = torch.tensor(probs.shape[0], device=probs.device)
-    counts = mask.sum(dim=0).float()
-    f = counts / counts.sum().clamp_min(1)
-    p_mean = probs.sum(dim=0) / rows
-    return probs.shape[-1] * (f * p_mean).sum()
-
-
-def router_z_loss(logits: Sequence[Tensor], attention_mask: Tensor | None = None) -> Tensor:
-    """Router z-loss for one layer: the mean over rows of ``logsumexp(z)^2`` (ST-MoE)."""
-    z, keep = _stack(logits, attention_mask)
-    sq = torch.logsumexp(z.float(), dim=-1).square()
-    if keep is None:
-        return sq.mean()
-    return (sq * keep).sum() / keep.sum().clamp_min(1)
-
-
-def _stack(logits: Sequence[Tensor], attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    rows = [t.reshape(-1, t.shape[-1]) for t in logits]
-    z = torch.cat(rows, dim=0)
-    if attention_mask is None:
-        return z, None
-    flat = attention_mask.reshape(-1).to(device=z.device, dtype=torch.float32)
-    if any(r.shape[0] != flat.shape[0] for r in rows):
-        raise ValueError(
-            f"attention_mask has {flat.shape[0]} tokens but the router saw "
-            f"{[r.shape[0] for r in rows]} rows; pass a mask matching the input"
-        )
-    return z, flat.repeat(len(rows))

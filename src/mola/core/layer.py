@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .routing import Router, build_router
+from mola.routing import Router, build_router
 
 if TYPE_CHECKING:
-    from .collect import RouterLogitsStore
+    from mola.core.collect import RouterLogitsStore
 
 
 def _features(base_layer: nn.Module) -> tuple[int, int]:

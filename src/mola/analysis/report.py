@@ -18,8 +18,8 @@ that for any :class:`~mola.model.MolaModel`, per decoder layer and per adapted m
 
 Typical notebook use::
 
-    from mola.analysis import analyze, encode_batches, format_summary
-    from mola.plots import save_plots
+    from mola.analysis.report import analyze, encode_batches, format_summary
+    from mola.analysis.plots import save_plots
 
     batches = encode_batches(tokenizer, examples, batch_size=8)
     report = analyze(model, batches, progress=True)   # a plain, JSON-ready dict
@@ -45,9 +45,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import __version__
-from .injection import module_keys
-from .redundancy import (
+from mola import __version__
+from mola.analysis.redundancy import (
     METHODS,
     ModuleRedundancy,
     expert_redundancy,
@@ -57,13 +56,14 @@ from .redundancy import (
     pairwise_expert_distances,
     redundancy_stats,
 )
-from .report import table as format_table
-from .routing import Router, load_balancing_loss
+from mola.core.injection import module_keys
+from mola.routing import Router, load_balancing_loss
+from mola.utils.tables import table as format_table
 
 if TYPE_CHECKING:
-    from .data import Example
-    from .layer import MolaLinear
-    from .model import MolaModel
+    from mola.core.layer import MolaLinear
+    from mola.core.model import MolaModel
+    from mola.data.datasets import Example
 
 __all__ = [
     "METHODS",
@@ -441,7 +441,7 @@ def encode_batches(
     Raises:
         ValueError: ``batch_size`` below 1, no examples, or an encoding error.
     """
-    from .prompts import DataCollator, encode_for_training
+    from mola.data.prompts import DataCollator, encode_for_training
 
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_option_flags, options_from_args
-from .pipeline import run_training, summary
+from mola.training.options import add_option_flags, options_from_args
+from mola.training.pipeline import run_training, summary
 
 HELP = "fine-tune a model with layer-wise MoE-LoRA"
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mola.data import DataError
+from mola.data.datasets import DataError
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data import Example
-from .hub import DEFAULT_MODEL
-from .loading import load_adapted, load_base
-from .prompts import TEMPLATES, render_prompt
+from mola.data.datasets import Example
+from mola.data.prompts import TEMPLATES, render_prompt
+from mola.models.hub import DEFAULT_MODEL
+from mola.models.loading import load_adapted, load_base
 
 HELP = "generate text with an adapter, streaming"
 

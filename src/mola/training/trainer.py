@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from .checkpoint import load_adapter_weights
-from .model import MolaModel
-from .options import TrainOptions
+from mola.core.checkpoint import load_adapter_weights
+from mola.core.model import MolaModel
+from mola.training.options import TrainOptions
 
 
 class EncodedDataset(Dataset):

@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .allocation import LayerSpec, allocate
-from .routing import ROUTERS, build_router
+from mola.core.allocation import LayerSpec, allocate
+from mola.routing import ROUTERS, build_router
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

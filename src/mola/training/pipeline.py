@@ -9,14 +9,14 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
-from .data import Example, limit_examples, load_examples, load_file, load_task
-from .evaluation import evaluate
-from .io import write_json, write_jsonl, write_text
-from .loading import load_base
-from .model import get_mola_model
-from .options import TrainOptions
-from .prompts import DataCollator, encode_for_training
-from .report import metrics_table
+from mola.core.model import get_mola_model
+from mola.data.datasets import Example, limit_examples, load_examples, load_file, load_task
+from mola.data.prompts import DataCollator, encode_for_training
+from mola.evaluation.evaluate import evaluate
+from mola.models.loading import load_base
+from mola.training.options import TrainOptions
+from mola.utils.io import write_json, write_jsonl, write_text
+from mola.utils.tables import metrics_table
 
 
 def load_train_eval(opts: TrainOptions) -> tuple[list[Example], list[Example] | None]:
@@ -43,7 +43,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     Returns:
         The metrics written to ``<output>/metrics.json``.
     """
-    from .trainer import train  # imports the Trainer stack only when training
+    from mola.training.trainer import train  # imports the Trainer stack only when training
 
     set_seed(opts.seed)
     mola_config = opts.mola_config()
@@ -124,6 +124,6 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def _decoder_blocks(model: Any) -> Any:
-    from .injection import find_decoder_layers
+    from mola.core.injection import find_decoder_layers
 
     return find_decoder_layers(model)[1]

@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__
-from .checkpoint import (
+from mola import __version__
+from mola.core.checkpoint import (
     adapter_state_dict,
     is_adapter_name,
     load_adapter_weights,
     read_adapter_config,
     save_adapter,
 )
-from .collect import RouterLogitsStore
-from .config import MolaConfig
-from .injection import inject
-from .layer import MolaLinear
-from .routing import build_router, load_balancing_loss, router_z_loss
+from mola.core.collect import RouterLogitsStore
+from mola.core.config import MolaConfig
+from mola.core.injection import inject
+from mola.core.layer import MolaLinear
+from mola.routing import build_router, load_balancing_loss, router_z_loss
 
 
 class MolaModel(nn.Module):

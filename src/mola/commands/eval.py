@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from .data import limit_examples, load_examples
-from .evaluation import SCORINGS, evaluate
-from .hub import DEFAULT_MODEL
-from .io import write_json, write_jsonl
-from .loading import load_adapted, load_base, training_template
-from .prompts import TEMPLATES
-from .report import metrics_table
+from mola.data.datasets import limit_examples, load_examples
+from mola.data.prompts import TEMPLATES
+from mola.evaluation.evaluate import SCORINGS, evaluate
+from mola.models.hub import DEFAULT_MODEL
+from mola.models.loading import load_adapted, load_base, training_template
+from mola.utils.io import write_json, write_jsonl
+from mola.utils.tables import metrics_table
 
 HELP = "evaluate an adapter (or the base model) on a task or file"
 

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .collect import RouterLogitsStore
-from .config import MolaConfig
-from .layer import MolaLinear, is_supported
-from .routing import build_router
+from mola.core.collect import RouterLogitsStore
+from mola.core.config import MolaConfig
+from mola.core.layer import MolaLinear, is_supported
+from mola.routing import build_router
 
 if TYPE_CHECKING:
-    from .model import MolaModel
+    from mola.core.model import MolaModel
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .injection import module_keys
-from .layer import MolaLinear
+from mola.core.injection import module_keys
+from mola.core.layer import MolaLinear
 
 if TYPE_CHECKING:
-    from .model import MolaModel
+    from mola.core.model import MolaModel
 
 METHODS = ("auto", "gram", "dense")
 

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .analysis import DEFAULT_DEAD_THRESHOLD, REPORT_FORMAT
+from mola.analysis.report import DEFAULT_DEAD_THRESHOLD, REPORT_FORMAT
 
 HELP = "routing and expert analysis of a trained adapter (load, entropy, dead experts, redundancy)"
 
@@ -31,8 +31,8 @@ DEFAULT_COMPARE_OUTPUT = "mola-compare"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``mola analyze`` options to ``parser``."""
-    from .data import TASKS
-    from .prompts import TEMPLATES
+    from mola.data.datasets import TASKS
+    from mola.data.prompts import TEMPLATES
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", metavar="DIR", help="the adapter directory to analyse")
@@ -112,7 +112,7 @@ def _resolve_device(name: str) -> Any:
 
 
 def _write_json(path: str, data: Any) -> None:
-    from .io import atomic_write
+    from mola.utils.io import atomic_write
 
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
 
@@ -136,7 +136,7 @@ class _Data:
 
     def examples(self) -> list[Any]:
         if self._examples is None:
-            from .data import limit_examples, load_examples
+            from mola.data.datasets import limit_examples, load_examples
 
             args = self.args
             examples = load_examples(None if args.data else args.task, args.data, "test")
@@ -161,9 +161,9 @@ def _analyze_adapter(adapter: str, args: argparse.Namespace, data: _Data) -> dic
     """Load one adapter, run the analysis, return the report with run metadata."""
     import torch
 
-    from .analysis import analyze, encode_batches
-    from .loading import load_adapted, training_template
-    from .prompts import DEFAULT_TEMPLATE
+    from mola.analysis.report import analyze, encode_batches
+    from mola.data.prompts import DEFAULT_TEMPLATE
+    from mola.models.loading import load_adapted, training_template
 
     progress = not args.no_progress
     template = args.template or training_template(adapter) or DEFAULT_TEMPLATE
@@ -199,8 +199,8 @@ def _print_written(paths: list[str]) -> None:
 
 
 def _run_single(args: argparse.Namespace) -> int:
-    from .analysis import format_summary
-    from .plots import save_plots
+    from mola.analysis.plots import save_plots
+    from mola.analysis.report import format_summary
 
     report = _analyze_adapter(args.adapter, args, _Data(args))
     output = args.output or os.path.join(args.adapter, "analysis")
@@ -223,7 +223,7 @@ def read_report(path: str) -> dict[str, Any] | None:
     Raises:
         ValueError: the file is not valid JSON or not a mola analysis.
     """
-    from .checkpoint import CONFIG_NAME
+    from mola.core.checkpoint import CONFIG_NAME
 
     if os.path.isfile(path) and path.lower().endswith(".json"):
         file = path
@@ -271,7 +271,7 @@ def _legend_labels(reports: list[dict[str, Any]]) -> list[str]:
 def _compare_table(
     runs: list[tuple[str, dict[str, Any]]], field: str, spec: str, caption: str
 ) -> str:
-    from .analysis import format_table
+    from mola.analysis.report import format_table
 
     layers = sorted({item["layer"] for _, report in runs for item in report["layers"]})
     by_layer = [{item["layer"]: item for item in report["layers"]} for _, report in runs]
@@ -286,7 +286,7 @@ def _compare_table(
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .plots import (
+    from mola.analysis.plots import (
         COMPARE_ENTROPY_PNG,
         COMPARE_REDUNDANCY_PNG,
         plot_compare_entropy,

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoint import read_adapter_config
-from .hub import BUILTIN_MODELS, DEFAULT_MODEL, load_model_and_tokenizer
-from .model import MolaModel
+from mola.core.checkpoint import read_adapter_config
+from mola.core.model import MolaModel
+from mola.models.hub import BUILTIN_MODELS, DEFAULT_MODEL, load_model_and_tokenizer
 
 
 def load_base(

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mola.data import LETTERS, DataError, Example
-from mola.prompts import DEFAULT_TEMPLATE, encode_choices, encode_prompt, render_prompt
+from mola.data.datasets import LETTERS, DataError, Example
+from mola.data.prompts import DEFAULT_TEMPLATE, encode_choices, encode_prompt, render_prompt
 
 # --------------------------------------------------------------------------- metrics
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mola.data import LETTERS, DataError, Example
+from mola.data.datasets import LETTERS, DataError, Example
 
 TEMPLATES = ("alpaca", "qa", "chat")
 """Names of the prompt templates; ``alpaca`` is the default."""

@@ -32,7 +32,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .io import atomic_write
+from mola.utils.io import atomic_write
 
 DPI = 100
 """Dots per inch of every figure, so a PNG is ``figsize * DPI`` pixels."""

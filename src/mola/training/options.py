@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from .config import LLAMA_TARGETS, MolaConfig
-from .hub import DEFAULT_MODEL
-from .prompts import TEMPLATES
-from .routing import ROUTERS
+from mola.core.config import LLAMA_TARGETS, MolaConfig
+from mola.data.prompts import TEMPLATES
+from mola.models.hub import DEFAULT_MODEL
+from mola.routing import ROUTERS
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:

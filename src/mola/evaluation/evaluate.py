@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, Example
-from .prompts import DataCollator, encode_for_training, render_prompt
-from .scoring import EvalMode, evaluate_generation, evaluate_multiple_choice
+from mola.data.datasets import DataError, Example
+from mola.data.prompts import DataCollator, encode_for_training, render_prompt
+from mola.evaluation.scoring import EvalMode, evaluate_generation, evaluate_multiple_choice
 
 SCORINGS = ("loglik", "generate")
 

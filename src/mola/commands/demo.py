@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_option_flags, options_from_args
-from .pipeline import run_training, summary
+from mola.training.options import add_option_flags, options_from_args
+from mola.training.pipeline import run_training, summary
 
 HELP = "the main job: fine-tune the default recipe and print accuracy before/after"
 

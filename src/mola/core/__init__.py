@@ -1,0 +1,1 @@
+"""The core of mola: config, allocation, the MoLA layer, injection, model, checkpoints."""

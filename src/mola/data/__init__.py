@@ -1,0 +1,1 @@
+"""Training data: built-in tasks, user files, prompt templates and encoding."""

@@ -1,0 +1,1 @@
+"""Evaluation: log-likelihood and generation scoring, metrics."""

@@ -1,0 +1,1 @@
+"""Training: options, the Trainer subclass and the train-then-evaluate pipeline."""
