@@ -386,7 +386,7 @@ def test_bad_input_one_line_exit_2(
     code = main([*args, "--output", str(tmp_path / "o")] if args[0] == "train" else args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err and err[-1].startswith("error: ") and message in err[-1], err
+    assert err and err[-1].startswith("mola: error: ") and message in err[-1], err
     assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "o" / "metrics.json").exists()
 
@@ -411,7 +411,6 @@ def test_console_script_entry_point(tmp_path):
         text=True,
         check=False,
     )
-    assert (
-        run.returncode == 2 and run.stderr.strip() == f"error: {tmp_path / 'x.csv'}: file not found"
-    )
+    expected = f"mola: error: {tmp_path / 'x.csv'}: file not found"
+    assert run.returncode == 2 and run.stderr.strip() == expected
     assert main(["frobnicate"]) == 2

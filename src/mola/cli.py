@@ -1,9 +1,12 @@
 """The ``mola`` command line: ``mola {train,eval,generate,demo,analyze} ...``.
 
 Each command lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``; only the chosen command's module is imported. Bad input (a ``ValueError``,
-``OSError`` or ``KeyError`` raised with a readable message) ends with one ``error: ...`` line and
-exit status 2; ``--debug`` shows the traceback instead.
+``run(args) -> int``; only the chosen command's module is imported.
+
+User errors (bad flags, bad files, a ``ValueError`` or ``OSError`` raised with a readable
+message) end with exactly one line ``mola: error: ...`` on stderr and exit status 2, with or
+without ``--debug`` (which adds the traceback above that line). Any other exception is a bug in
+mola: Python's traceback and exit status 1.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+from typing import NoReturn
 
 from mola import __version__
 
@@ -21,6 +26,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mola.commands.demo", "the main job: train the default recipe, print before/after"),
     "analyze": ("mola.commands.analyze", "routing and expert analysis of a trained adapter"),
 }
+
+USER_ERRORS = (ValueError, OSError)
+"""Exceptions that report a user error (exit 2); everything else is a bug (exit 1)."""
+
+
+class UsageError(ValueError):
+    """A command line that argparse cannot read (unknown flag, bad value, missing argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are raised, so they print as one ``mola: error:`` line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _usage() -> str:
@@ -34,11 +53,19 @@ def _usage() -> str:
 def build_parser(name: str) -> argparse.ArgumentParser:
     """The argument parser of one command."""
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"mola {name}", description=COMMANDS[name][1])
+    parser = _Parser(prog=f"mola {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="also print the traceback of an error")
     parser.set_defaults(_run=module.run)
     return parser
+
+
+def error_line(err: BaseException) -> str:
+    """``mola: error: <message>`` on one line (a multi-line message is joined)."""
+    text = " ".join(part.strip() for part in str(err).strip().splitlines() if part.strip())
+    if isinstance(err, OSError) and err.strerror:  # "[Errno 2] ...: 'x'" -> "x: ..."
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return f"mola: error: {text or type(err).__name__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,21 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] not in COMMANDS:
         print(
-            f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}",
+            f"mola: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}",
             file=sys.stderr,
         )
         return 2
-    args = build_parser(argv[0]).parse_args(argv[1:])
+    debug = "--debug" in argv
     try:
+        args = build_parser(argv[0]).parse_args(argv[1:])
         return int(args._run(args) or 0)
-    except (ValueError, OSError, KeyError) as err:
-        if args.debug:
-            raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if debug:
+            traceback.print_exc()
+        print(error_line(err), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("mola: interrupted", file=sys.stderr)
         return 130
 
 
