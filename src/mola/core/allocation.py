@@ -77,16 +77,25 @@ def allocate(spec: LayerSpec, num_layers: int, *, field: str = "num_experts") ->
     values = _parse(spec, field)
     if any(v < 1 for v in values):
         raise ValueError(f"{field}: every value must be >= 1, got {values}")
+    return split_groups(values, num_layers, field)
+
+
+def split_groups(values: list, num_layers: int, field: str) -> list:
+    """Spread ``G`` group values over ``num_layers`` layers (contiguous, the first ones longer).
+
+    Raises:
+        ValueError: more values than layers.
+    """
     groups = len(values)
     if groups == num_layers:
-        return values
+        return list(values)
     if groups > num_layers:
         raise ValueError(
             f"{field}: got {groups} values for {num_layers} decoder layers; give {num_layers} "
             f"values (one per layer) or at most {num_layers} group values"
         )
     size, extra = divmod(num_layers, groups)
-    out: list[int] = []
+    out: list = []
     for g, v in enumerate(values):
         out.extend([v] * (size + (1 if g < extra else 0)))
     return out

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mola.core.allocation import LayerSpec, allocate
+from mola.core.patterns import PATTERN_KEYS, ModuleSpec, check_patterns, match, per_layer
+from mola.experts.registry import STRUCTURES, check_structure
 from mola.routing import ROUTERS, build_router
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,6 +44,31 @@ class MolaConfig:
     top_p: float = field(default=0.5, metadata={"help": "cumulative probability for 'topp'"})
     aux_loss_coef: float = field(default=0.001, metadata={"help": "load-balancing loss weight"})
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
+    # expert structures and per-module allocation (see mola.experts and mola.core.patterns)
+    experts_structure: str = field(
+        default="stacked", metadata={"help": f"expert structure: {', '.join(STRUCTURES)}"}
+    )
+    module_patterns: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "module-name regex -> overrides (num_experts, top_k, r, lora_alpha, "
+            "router, experts_structure; each a layer spec); the first match wins"
+        },
+    )
+    a_dropout: float = field(
+        default=0.0, metadata={"help": "MoSLD: dropout on the entries of the shared A (training)"}
+    )
+    fly_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "FlyLoRA: share of nonzero entries per row of the frozen A "
+            "(None: top_k / r, as the authors' code)"
+        },
+    )
+    balance_bias_rate: float = field(
+        default=0.001,
+        metadata={"help": "FlyLoRA/SMoRA: step of the loss-free balancing bias (0: off)"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -62,6 +89,14 @@ class MolaConfig:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             raise ValueError("aux_loss_coef / router_z_loss_coef: must be >= 0")
+        check_structure(self.experts_structure)
+        self.module_patterns = check_patterns(self.module_patterns)
+        if not 0.0 <= self.a_dropout < 1.0:
+            raise ValueError(f"a_dropout: must be in [0, 1), got {self.a_dropout}")
+        if self.fly_sparsity is not None and not 0.0 < self.fly_sparsity <= 1.0:
+            raise ValueError(f"fly_sparsity: must be in (0, 1], got {self.fly_sparsity}")
+        if self.balance_bias_rate < 0:
+            raise ValueError(f"balance_bias_rate: must be >= 0, got {self.balance_bias_rate}")
 
     def resolve(self, num_layers: int) -> dict[str, list[Any]]:
         """Per-layer ``num_experts``, ``top_k`` and ``r`` for a model with ``num_layers`` layers.
@@ -69,8 +104,11 @@ class MolaConfig:
         Raises:
             ValueError: a spec is malformed or a layer's ``top_k`` exceeds its expert count.
         """
-        experts = allocate(self.num_experts, num_layers, field="num_experts")
         ranks = allocate(self.r, num_layers, field="r")
+        if check_structure(self.experts_structure).rank_experts:
+            experts = list(ranks)  # every rank is an expert
+        else:
+            experts = allocate(self.num_experts, num_layers, field="num_experts")
         if self.top_k is None:
             top_k: list[int | None] = [None] * num_layers
         else:
@@ -81,6 +119,35 @@ class MolaConfig:
             except ValueError as err:
                 raise ValueError(f"decoder layer {layer}: {err}") from None
         return {"num_experts": experts, "top_k": top_k, "r": ranks}
+
+    def module_spec(self, name: str, layer_idx: int, num_layers: int) -> ModuleSpec:
+        """The resolved settings of the module ``name`` in decoder layer ``layer_idx``.
+
+        ``module_patterns`` overrides apply first (the first matching regex wins); for the
+        rank-wise structures (``rankwise``, ``flylora``) every rank is an expert, so
+        ``num_experts`` is the layer's rank ``r``.
+
+        Raises:
+            ValueError: an override is malformed, or the router cannot take the top-k.
+        """
+        found = match(self.module_patterns, name)
+        overrides = found[1] if found else {}
+        where = f"module_patterns[{found[0]!r}]" if found else "config"
+        values: dict[str, Any] = {}
+        for key in reversed(PATTERN_KEYS):  # the structure first: it decides num_experts
+            if key == "num_experts" and check_structure(values["experts_structure"]).rank_experts:
+                values[key] = values["r"]
+                continue
+            spec = overrides.get(key, getattr(self, key))
+            try:
+                values[key] = per_layer(spec, num_layers, key)[layer_idx]
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        try:
+            build_router(values["router"], values["num_experts"], values["top_k"], self.top_p)
+        except ValueError as err:
+            raise ValueError(f"{name} ({where}): {err}") from None
+        return ModuleSpec(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

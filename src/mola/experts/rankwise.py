@@ -1,0 +1,92 @@
+"""Rank-wise experts, SMoRA ("Each Rank Could be an Expert", arXiv 2501.15103, v2).
+
+One LoRA of rank ``R`` (``lora_A (R, d_in)``, ``lora_B (d_out, R)``) whose ``R`` rank-1
+components ``b_i a_i^T`` are the experts; a router ``W_g (R, d_in)`` picks ``k`` of the ``R``
+ranks per token::
+
+    y = W x + (alpha / R) B diag(g(x)) A x
+
+so ``num_experts == r`` and the fast path is the stacked one with blocks of one column.
+
+Balancing follows the paper's auxiliary-loss-free scheme: a bias ``b (R,)`` (a buffer, not
+trained) is added to the router probabilities for the *selection* only, ``top_k(p + b)``, the
+gates being the selected ``p`` renormalised; after every training forward
+``b_i += u * sign(mean_j c_j - c_i)`` with ``c_i`` the number of tokens that picked rank ``i``
+(``balance_bias_rate = u``; 0 turns it off and leaves routing to the configured router). The
+paper's value of ``u`` is not recovered here; mola uses 0.001, the FlyLoRA authors' setting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mola.experts.base import Experts, kaiming_
+
+
+def update_balance_bias(bias: Tensor, mask: Tensor, rate: float) -> None:
+    """Loss-free balancing: ``bias += rate * sign(mean load - load)`` (no host sync)."""
+    with torch.no_grad():
+        counts = mask.reshape(-1, mask.shape[-1]).sum(dim=0, dtype=torch.float32)
+        bias.add_(rate * torch.sign(counts.mean() - counts).to(bias.dtype))
+
+
+def top_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean ``(N, R)`` mask of each row's ``k`` largest scores."""
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+class RankWiseExperts(Experts):
+    """SMoRA: every rank of one rank-``R`` LoRA is an expert."""
+
+    structure = "rankwise"
+    rank_experts = True
+
+    def __init__(self, d_in: int, d_out: int, num_experts: int, r: int, lora_alpha: float,
+                 options=None, **factory) -> None:  # fmt: skip
+        super().__init__(d_in, d_out, num_experts, r, lora_alpha, options, **factory)
+        if num_experts != r:
+            raise ValueError(
+                f"num_experts: a rank-wise structure has one expert per rank, so num_experts "
+                f"must equal r ({r}), got {num_experts}"
+            )
+        self.block = 1
+        self.top_k = self.options.top_k
+        self.bias_rate = self.options.balance_bias_rate
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **self.factory))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **self.factory))
+        self.register_buffer(
+            "lora_balance_bias", torch.zeros(r, dtype=torch.float32, device=self.factory["device"])
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            kaiming_(self.lora_A)
+            self.lora_B.zero_()
+            self.lora_balance_bias.zero_()
+
+    def down_weight(self) -> Tensor:
+        return self.lora_A
+
+    def up_weight(self) -> Tensor:
+        return self.lora_B
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A.unsqueeze(1), self.lora_B.t().unsqueeze(-1)
+
+    @property
+    def biased_routing(self) -> bool:
+        """Whether selection uses the balancing bias (else the configured router decides)."""
+        return self.bias_rate > 0 and self.top_k is not None
+
+    def route_biased(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Gates and mask: ``top_k(p + b)`` selects, the selected ``p`` renormalised weigh."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        mask = top_mask(probs + self.lora_balance_bias, self.top_k)
+        gates = probs * mask
+        gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+        if self.training:
+            update_balance_bias(self.lora_balance_bias, mask, self.bias_rate)
+        return gates, mask
