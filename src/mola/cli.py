@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mola.commands.generate", "generate text with an adapter, streaming"),
     "demo": ("mola.commands.demo", "the main job: train the default recipe, print before/after"),
     "analyze": ("mola.commands.analyze", "routing and expert analysis of a trained adapter"),
+    "sweep": ("mola.commands.sweep", "train a grid of runs (resumable), table mean/std over seeds"),
 }
 
 USER_ERRORS = (ValueError, OSError)

@@ -1,0 +1,64 @@
+"""``mola sweep SWEEP.yaml [--report]``: train a grid of runs, resumably; tabulate the results."""
+
+from __future__ import annotations
+
+import argparse
+
+from mola.sweep import load_spec, run_state, run_sweep, write_report
+from mola.sweep.spec import Run
+
+HELP = "train a grid of runs from a sweep file (resumable) and tabulate mean/std over seeds"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep file (YAML: base, grid, variants, output)")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: write and print the results of the runs finished so far",
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="train nothing: list the runs and their status"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="train only the runs whose label KEY (variant or a grid key) is one of the values; "
+        "repeatable (all must hold). The report still covers every run",
+    )
+
+
+def select(runs: list[Run], only: list[str]) -> list[Run]:
+    """The runs matching every ``KEY=V1,V2`` filter."""
+    chosen = runs
+    for item in only:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--only: expected KEY=V1,V2, got {item!r}")
+        key = key.strip().replace("-", "_")
+        if not any(key in r.labels for r in runs):
+            keys = sorted({k for r in runs for k in r.labels})
+            raise ValueError(f"--only: unknown key {key!r}; the runs have {', '.join(keys)}")
+        wanted = {v.strip() for v in values.split(",")}
+        chosen = [r for r in chosen if r.labels.get(key) in wanted]
+    if not chosen:
+        raise ValueError(f"--only: no run matches {' '.join(only)}")
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.sweep)
+    runs = spec.runs()
+    if args.list:
+        for index, item in enumerate(runs, 1):
+            print(f"[{index}/{len(runs)}] {item.name}: {run_state(item).status}")
+        return 0
+    states = {r.name: run_state(r) for r in runs}
+    if not args.report:
+        states.update(run_sweep(spec, select(runs, args.only)))
+    print(write_report(spec, runs, states), end="")
+    print(f"results.md, results.csv, results.json and results.png in {spec.output}")
+    failed = [r for r in runs if states[r.name].status == "failed"]
+    return 1 if failed and not args.report else 0

@@ -1,0 +1,181 @@
+"""The results of a sweep: ``results.md``, ``results.csv``, ``results.json``, ``results.png``.
+
+``results.csv`` has one row per group: the group's label columns (``variant`` and the non-seed
+grid keys), ``n`` (finished runs), ``<metric>_mean`` and ``<metric>_std`` for each metric, then
+``trainable_params`` and ``total_experts``. The Markdown table shows ``mean ± std`` and lists the
+runs that failed or are still to run; it is also what the terminal shows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any
+
+from mola.sweep.aggregate import TIME_METRIC, Group, group_runs, metric_names
+from mola.sweep.runner import RunState
+from mola.sweep.spec import VARIANT_KEY, Run, SweepSpec
+from mola.utils.io import atomic_write, write_json, write_text
+
+FILES = ("results.md", "results.csv", "results.json", "results.png")
+
+
+def label_keys(groups: list[Group], runs: list[Run]) -> list[str]:
+    """The group columns: ``variant`` (when the sweep has variants), then the non-seed grid keys."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k, _ in run.group if k not in keys]
+    return sorted(keys, key=lambda k: k != VARIANT_KEY)
+
+
+def csv_text(groups: list[Group], keys: list[str], metrics: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    header = [*keys, "n"]
+    for m in metrics:
+        header += [f"{m}_mean", f"{m}_std"]
+    writer.writerow([*header, "trainable_params", "total_experts"])
+    for g in groups:
+        row: list[Any] = [g.labels.get(k, "") for k in keys] + [g.n]
+        for m in metrics:
+            row += [_num(g.mean(m)), _num(g.std(m))]
+        row += [_num(g.trainable_params), _num(g.total_experts)]
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def markdown_table(groups: list[Group], keys: list[str], metrics: list[str]) -> str:
+    header = [*keys, "n", *(_title(m) for m in metrics), "trainable params", "total experts"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in groups:
+        cells = [g.labels.get(k, "") for k in keys] + [str(g.n)]
+        for m in metrics:
+            cells.append(_mean_std(g.mean(m), g.std(m), m))
+        cells += [_count(g.trainable_params), _count(g.total_experts)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_data(
+    spec: SweepSpec, runs: list[Run], states: dict[str, RunState]
+) -> tuple[list[Group], list[str], list[str], dict[str, Any]]:
+    groups = group_runs(runs, states)
+    keys = label_keys(groups, runs)
+    metrics = metric_names(groups)
+    data = {
+        "sweep": spec.path,
+        "output": spec.output,
+        "group_keys": keys,
+        "metrics": metrics,
+        "groups": [
+            {
+                **g.labels,
+                "n": g.n,
+                "seeds": g.seeds,
+                "runs": g.runs,
+                **{f"{m}_mean": g.mean(m) for m in metrics},
+                **{f"{m}_std": g.std(m) for m in metrics},
+                "values": g.values,
+                "trainable_params": g.trainable_params,
+                "total_experts": g.total_experts,
+            }
+            for g in groups
+        ],
+        "runs": [
+            {
+                "name": r.name,
+                "labels": r.labels,
+                "status": states[r.name].status,
+                **({"error": states[r.name].error} if states[r.name].error else {}),
+            }
+            for r in runs
+        ],
+    }
+    return groups, keys, metrics, data
+
+
+def markdown_report(
+    spec: SweepSpec, runs: list[Run], states: dict[str, RunState], groups: list[Group]
+) -> str:
+    keys = label_keys(groups, runs)
+    metrics = metric_names(groups)
+    done = sum(1 for r in runs if states[r.name].status == "done")
+    lines = [
+        f"Sweep `{spec.path}`: {done} of {len(runs)} runs finished; mean ± sample standard "
+        "deviation over seeds (n runs).",
+        "",
+        markdown_table(groups, keys, metrics) if groups else "(no finished runs yet)",
+    ]
+    failed = [r for r in runs if states[r.name].status == "failed"]
+    if failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- `{r.name}`: {states[r.name].error}" for r in failed]
+    missing = [r for r in runs if states[r.name].status not in ("done", "failed")]
+    if missing:
+        lines += ["", f"Not finished ({len(missing)}):", ""]
+        lines += [f"- `{r.name}` ({states[r.name].status})" for r in missing]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(spec: SweepSpec, runs: list[Run], states: dict[str, RunState]) -> str:
+    """Write the four result files into the sweep's output dir; returns the Markdown report."""
+    groups, keys, metrics, data = report_data(spec, runs, states)
+    text = markdown_report(spec, runs, states, groups)
+    os.makedirs(spec.output, exist_ok=True)
+    write_text(os.path.join(spec.output, "results.md"), text)
+    write_text(os.path.join(spec.output, "results.csv"), csv_text(groups, keys, metrics))
+    write_json(os.path.join(spec.output, "results.json"), data)
+    plot_results(groups, keys, metrics, os.path.join(spec.output, "results.png"))
+    return text
+
+
+def plot_results(groups: list[Group], keys: list[str], metrics: list[str], path: str) -> None:
+    """Bars of the first metric (``accuracy`` when present), mean with ±1 std error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scores = [m for m in metrics if m != TIME_METRIC]
+    metric = "accuracy" if "accuracy" in scores else (scores[0] if scores else None)
+    fig = Figure(figsize=(max(4.0, 0.7 * len(groups) + 2), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if metric is None:
+        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        means = [g.mean(metric) or 0.0 for g in groups]
+        errs = [g.std(metric) or 0.0 for g in groups]
+        labels = ["\n".join(g.labels.get(k, "") for k in keys) + f"\nn={g.n}" for g in groups]
+        ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(groups)), labels, fontsize=7)
+        ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+        low = min(m - e for m, e in zip(means, errs, strict=True))
+        high = max(m + e for m, e in zip(means, errs, strict=True))
+        pad = max(0.02, 0.15 * (high - low))
+        ax.set_ylim(max(0.0, low - pad), high + pad)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _num(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def _title(metric: str) -> str:
+    return "train time s" if metric == TIME_METRIC else metric
+
+
+def _mean_std(mean: float | None, std: float | None, metric: str) -> str:
+    if mean is None:
+        return ""
+    if metric == TIME_METRIC:
+        return f"{mean:.0f}" + (f" ± {std:.0f}" if std is not None else "")
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _count(value: int | None) -> str:
+    return "" if value is None else f"{value:,d}"

@@ -1,0 +1,199 @@
+"""``mola sweep`` end to end on a tiny random model: grid, kill and rerun, failures, aggregation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mola.cli import main
+from mola.sweep import load_spec, run_state
+from mola.sweep.spec import Run
+
+ROWS = [
+    {"question": "Is the sky blue on a clear day?", "choices": ["yes", "no"], "answer": "yes"},
+    {"question": "Is a brick lighter than a feather?", "choices": ["yes", "no"], "answer": "no"},
+    {"question": "What color is the sky?", "choices": ["blue", "green", "red"], "answer": "blue"},
+] * 2
+
+
+def base_config(model_dir: Path, data: Path) -> dict:
+    return {
+        "model": str(model_dir),
+        "data": str(data),
+        "eval_data": str(data),
+        "max_steps": 2,
+        "batch_size": 3,
+        "logging_steps": 1,
+        "eval_batch_size": 8,
+        "save_steps": 1,
+        "top_k": 1,
+    }
+
+
+def write_sweep(path: Path, **spec) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sweep-data") / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return path
+
+
+def finished(runs: list[Run]) -> list[Run]:
+    return [r for r in runs if run_state(r).status == "done"]
+
+
+def test_grid_kill_rerun_failure_and_aggregation(tmp_path, tiny_llama_dir, data, capsys):
+    out = tmp_path / "sweep"
+    sweep = write_sweep(
+        tmp_path / "grid.yaml",
+        base=base_config(tiny_llama_dir, data),
+        grid={"experts": [1, 2], "r": [2, 4], "seed": [1, 2]},
+        # sets a grid key, so the grid's own points are arms too; fails: 3 groups for 2 layers
+        variants=[{"name": "broken", "experts": "2,3,4", "r": 2}],
+        output=str(out),
+    )
+    spec = load_spec(str(sweep))
+    runs = spec.runs()
+    names = [r.name for r in runs]
+    assert len(runs) == 10
+    assert names[:3] == ["experts-1_r-2_seed-1", "broken_seed-1", "experts-1_r-2_seed-2"]
+    assert runs[1].labels == {"variant": "broken", "experts": "2,3,4", "r": "2", "seed": "1"}
+
+    # a first sweep in another process, killed once two runs have finished
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mola.cli", "sweep", str(sweep)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while len(finished(runs)) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = {r.name: os.stat(Path(r.output) / "metrics.json").st_mtime_ns for r in finished(runs)}
+    assert 2 <= len(before) < 8
+
+    # the rerun skips what finished, trains the rest, records the failures and goes on
+    code = main(["sweep", str(sweep)])
+    text = capsys.readouterr().out
+    assert code == 1  # some runs failed
+    for name in before:
+        assert os.stat(out / name / "metrics.json").st_mtime_ns == before[name]
+    skipped = [line for line in text.splitlines() if "finished, skipped" in line]
+    assert len(skipped) == len(before)
+    assert "[10/10]" in text and "ETA" in text
+    grid_runs = [r for r in runs if "variant" not in r.labels]
+    assert [r.name for r in finished(runs)] == [r.name for r in grid_runs]
+    for run in grid_runs:  # finished runs keep their adapter, not their checkpoints
+        assert (Path(run.output) / "adapter_model.safetensors").is_file()
+        assert not any(p.name.startswith("checkpoint-") for p in Path(run.output).iterdir())
+    for run in runs:
+        if "variant" in run.labels:
+            error = json.loads((Path(run.output) / "error.json").read_text())
+            assert "3 values for 2 decoder layers" in error["error"]
+            assert "FAILED" in text and run_state(run).status == "failed"
+
+    # aggregation: recompute the table from the runs' own metrics.json files
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:3] == ["variant", "experts", "r"]
+    assert "n" in rows[0] and "accuracy_mean" in rows[0] and "train_s_std" in rows[0]
+    assert len(rows) == 4  # the broken variant has no finished run
+    report = json.loads((out / "results.json").read_text())
+    for row, group in zip(rows, report["groups"], strict=True):
+        members = [
+            r
+            for r in grid_runs
+            if (r.labels["experts"], r.labels["r"]) == (row["experts"], row["r"])
+        ]
+        metrics = [json.loads((Path(r.output) / "metrics.json").read_text()) for r in members]
+        acc = [m["fine_tuned"]["accuracy"] for m in metrics]
+        times = [m["timings"]["train_s"] for m in metrics]
+        assert int(row["n"]) == 2 == group["n"]
+        assert float(row["accuracy_mean"]) == pytest.approx(statistics.fmean(acc))
+        assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(acc))
+        assert float(row["train_s_mean"]) == pytest.approx(statistics.fmean(times))
+        assert float(row["train_s_std"]) == pytest.approx(statistics.stdev(times))
+        assert int(row["trainable_params"]) == metrics[0]["trainable_params"]
+        assert int(row["total_experts"]) == 2 * int(row["experts"])  # two decoder layers
+        assert group["seeds"] == ["1", "2"]
+    assert int(rows[0]["trainable_params"]) < int(rows[1]["trainable_params"])  # r 2 < r 4
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "Failed runs:" in md and "broken_seed-1" in md and "8 of 10 runs finished" in md
+
+    # --report trains nothing and writes the same table
+    assert main(["sweep", str(sweep), "--report"]) == 0
+    assert (out / "results.md").read_text() == md
+
+
+def test_resume_stale_and_only(tmp_path, tiny_llama_dir, data, capsys):
+    out = tmp_path / "sweep"
+    spec = {
+        "base": {**base_config(tiny_llama_dir, data), "experts": 2},
+        "grid": {"seed": [1]},
+        "variants": [{"name": "a", "r": 2}, {"name": "b", "r": 4}],
+        "output": str(out),
+        "keep_checkpoints": True,
+    }
+    sweep = write_sweep(tmp_path / "s.yaml", **spec)
+    assert main(["sweep", str(sweep), "--only", "variant=a"]) == 0
+    text = capsys.readouterr().out
+    assert "[1/1] variant=a seed=1:" in text and "b_seed-1" not in text.split("Sweep")[0]
+    assert "`b_seed-1` (pending)" in text  # the report lists what is left
+
+    # interrupted after its first checkpoint: no metrics.json, no last checkpoint -> resumed
+    run = out / "a_seed-1"
+    (run / "metrics.json").unlink()
+    shutil.rmtree(run / "checkpoint-2")
+    assert main(["sweep", str(sweep), "--only", "variant=a"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-1")
+
+    # the sweep file changed: the finished run no longer matches and is trained again
+    spec["base"]["lr"] = 1e-3
+    write_sweep(sweep, **spec)
+    assert main(["sweep", str(sweep), "--list"]) == 0
+    assert "a_seed-1: stale" in capsys.readouterr().out
+    assert main(["sweep", str(sweep), "--only", "variant=a"]) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["options"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"grid": {"experts": [2]}, "bogus": 1}, "unknown key 'bogus'"),
+        ({"base": {"learning_rate": 1}}, "unknown option 'learning_rate'"),
+        ({"base": {"output": "x"}}, "set by the sweep"),
+        ({"grid": {"lr": [-1.0]}}, "--lr: must be > 0"),
+        ({"grid": {"max_steps": ["many"]}}, "max_steps: expected int"),
+        ({"variants": [{"experts": 2}]}, "must be a mapping with a 'name'"),
+        ({"variants": [{"name": "a"}, {"name": "a"}]}, "two variants are named 'a'"),
+    ],
+)
+def test_bad_sweep_files(tmp_path, capsys, spec, message):
+    sweep = write_sweep(tmp_path / "bad.yaml", **spec)
+    assert main(["sweep", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
