@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mola.commands.demo", "the main job: train the default recipe, print before/after"),
     "analyze": ("mola.commands.analyze", "routing and expert analysis of a trained adapter"),
     "sweep": ("mola.commands.sweep", "train a grid of runs (resumable), table mean/std over seeds"),
+    "compose": ("mola.commands.compose", "build a mola adapter whose experts are PEFT LoRAs"),
 }
 
 USER_ERRORS = (ValueError, OSError)

@@ -1,0 +1,150 @@
+"""Pre-trained LoRAs as experts (X-LoRA, LoRA-Mixer, MeteoRA, LoRA Soups).
+
+:func:`read_peft_lora` reads a PEFT LoRA adapter directory (``adapter_config.json`` +
+``adapter_model.safetensors``) into per-module ``(A, B, scaling)``; :func:`compose_into` copies
+several of them into a mola model's stacked experts, one adapter per expert, so that with the
+router's gate 1 on expert ``i`` a module computes exactly adapter ``i``'s update:
+
+* ranks may differ: each ``A_i`` / ``B_i`` is zero-padded to the largest rank (zero rows and
+  columns add nothing);
+* scales may differ: each adapter's ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA, and
+  PEFT's ``alpha_pattern``) is folded into its ``B_i``, the mola layer's own scale being 1;
+* targets may differ: where an adapter has no LoRA, its expert is zero there.
+
+PEFT variants whose update is not ``scaling * B A x`` (DoRA, a bias on ``B``, embedding or
+convolution LoRAs, ``modules_to_save``) are refused with a message naming the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class PeftLora:
+    """One PEFT LoRA adapter: ``modules[name] = (A (r, d_in), B (d_out, r), scaling)``."""
+
+    path: str
+    base_model: str | None
+    modules: dict[str, tuple[Tensor, Tensor, float]] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max(a.shape[0] for a, _, _ in self.modules.values())
+
+
+def _pattern_value(patterns: dict, name: str, default: float) -> float:
+    for key, value in (patterns or {}).items():  # PEFT's get_pattern_key: first match wins
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_peft_lora(directory: str) -> PeftLora:
+    """Read a PEFT LoRA adapter directory.
+
+    Raises:
+        ValueError: a file is missing, it is not a plain LoRA, or its tensors do not pair up.
+    """
+    cfg_path = os.path.join(directory, "adapter_config.json")
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    for path in (cfg_path, weights):
+        if not os.path.isfile(path):
+            raise ValueError(f"--adapters: {path} not found; give PEFT LoRA adapter directories")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--adapters: {cfg_path} is not valid JSON ({err.msg})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(
+            f"--adapters: {directory} is a {cfg.get('peft_type')!r} adapter, not a PEFT LoRA"
+        )
+    for key, what in (("use_dora", "DoRA"), ("lora_bias", "a bias on lora_B")):
+        if cfg.get(key):
+            raise ValueError(f"--adapters: {directory} uses {what}; only plain LoRA composes")
+    if cfg.get("modules_to_save"):
+        raise ValueError(f"--adapters: {directory} also saves full modules (modules_to_save)")
+    tensors = load_file(weights)
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        found = re.fullmatch(r"(.*)\.(lora_A|lora_B)\.weight", key)
+        if found is None or tensor.dim() != 2:
+            raise ValueError(
+                f"--adapters: {directory} holds {key!r}; only linear LoRA weights compose"
+            )
+        name = found.group(1).removeprefix(PEFT_PREFIX)
+        pairs.setdefault(name, {})[found.group(2)] = tensor
+    adapter = PeftLora(directory, cfg.get("base_model_name_or_path"))
+    for name, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
+            raise ValueError(f"--adapters: {directory}: {name} lacks a matching lora_A/lora_B")
+        r = pair["lora_A"].shape[0]
+        alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        adapter.modules[name] = (pair["lora_A"], pair["lora_B"], float(scaling))
+    if not adapter.modules:
+        raise ValueError(f"--adapters: {directory} holds no LoRA weights")
+    return adapter
+
+
+def target_names(adapters: list[PeftLora]) -> list[str]:
+    """The last name components of every module any adapter adapts, sorted."""
+    return sorted({name.rsplit(".", 1)[-1] for a in adapters for name in a.modules})
+
+
+def stacked_parameters(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """The ``(E, r, d_in)`` / ``(E, d_out, r)`` expert tensors of a stacked mola layer."""
+    own = dict(layer.named_parameters())
+    names = {n.rsplit(".", 1)[-1]: n for n in own}
+    if "lora_A" not in names or "lora_B" not in names or own[names["lora_A"]].dim() != 3:
+        raise ValueError("compose: the layer does not hold stacked experts")
+    return own[names["lora_A"]], own[names["lora_B"]]
+
+
+def compose_into(model: nn.Module, adapters: list[PeftLora]) -> None:
+    """Copy adapter ``i`` into expert ``i`` of every adapted module of ``model`` (a MolaModel).
+
+    The model must hold stacked experts, ``len(adapters)`` per module, of rank >= every
+    adapter's rank, with a scale of 1 (``lora_alpha == r``).
+
+    Raises:
+        ValueError: an adapter's module is not adapted in ``model`` or its shapes do not fit.
+    """
+    layers = dict(model.mola_layers())
+    for adapter in adapters:
+        missing = sorted(set(adapter.modules) - set(layers))
+        if missing:
+            raise ValueError(
+                f"--adapters: {adapter.path} adapts {missing[0]}, which the base model does "
+                f"not have among its decoder layers' linear modules"
+            )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            lora_a, lora_b = stacked_parameters(layer)
+            if lora_a.shape[0] != len(adapters) or not math.isclose(layer.scaling, 1.0):
+                raise ValueError("compose: the model needs one expert per adapter and scale 1")
+            lora_a.zero_()
+            lora_b.zero_()
+            for i, adapter in enumerate(adapters):
+                if name not in adapter.modules:
+                    continue
+                a, b, scaling = adapter.modules[name]
+                r = a.shape[0]
+                if a.shape[1] != lora_a.shape[2] or b.shape[0] != lora_b.shape[1]:
+                    raise ValueError(
+                        f"--adapters: {adapter.path}: {name} is {b.shape[0]}x{a.shape[1]} there "
+                        f"but {lora_b.shape[1]}x{lora_a.shape[2]} in the base model"
+                    )
+                lora_a[i, :r] = a.to(lora_a.dtype)
+                lora_b[i, :, :r] = (b.double() * scaling).to(lora_b.dtype)
