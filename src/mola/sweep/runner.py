@@ -90,7 +90,7 @@ def run_state(run: Run) -> RunState:
 def run_sweep(
     spec: SweepSpec,
     runs: list[Run] | None = None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
     train: Callable[[TrainOptions], dict[str, Any]] | None = None,
 ) -> dict[str, RunState]:
     """Train every run of ``spec`` (or the given subset) that is not finished.
@@ -98,7 +98,8 @@ def run_sweep(
     Args:
         spec: the sweep.
         runs: the runs to consider (default: all of ``spec.runs()``), in order.
-        echo: where progress lines go, one per run: index / total, its labels, its result.
+        echo: where progress lines go (default: stdout, flushed), one per run: index / total,
+            its labels, its result.
         train: the training function (default :func:`mola.training.pipeline.run_training`).
 
     Returns:
@@ -106,6 +107,7 @@ def run_sweep(
     """
     if train is None:
         from mola.training.pipeline import run_training as train
+    echo = echo or _echo
     runs = spec.runs() if runs is None else runs
     states = {run.name: run_state(run) for run in runs}
     todo = sum(1 for s in states.values() if s.status != "done")
@@ -150,6 +152,10 @@ def run_sweep(
             eta = left * sum(durations) / len(durations)
             echo(f"  {left} runs left, ETA {_duration(eta)}")
     return states
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)  # progress shows up at once in a redirected log too
 
 
 def _options_for(run: Run, status: str) -> TrainOptions:
