@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mola import MolaModel
@@ -82,6 +83,23 @@ def test_forced_expert_reproduces_each_peft_adapter(tiny_llama_dir, peft_dirs, t
             want = PeftModel.from_pretrained(load(tiny_llama_dir), str(path))(input_ids=ids).logits
             assert (want - base).abs().max() > 1e-2  # the adapter does change the output
             torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+
+
+def test_train_init_from_composed_trains_only_routers(tiny_llama_dir, peft_dirs, tmp_path):
+    composed, out = tmp_path / "composed", tmp_path / "run"
+    argv = ["compose", "--adapters", *map(str, peft_dirs), "--output", str(composed)]
+    assert main([*argv, "--model", str(tiny_llama_dir), "--no-progress"]) == 0
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": "Name a fruit.", "output": "apple banana cherry"}] * 8
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--no-eval"]
+    opts = ["--init-from", str(composed), "--max-steps", "3", "--lr", "0.05", "--no-progress"]
+    assert main([*train, *opts, "--batch-size", "4", "--output", str(out)]) == 0
+    before, after = (load_file(d / "adapter_model.safetensors") for d in (composed, out))
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith("router.weight") for k in moved)
+    assert json.loads((out / "adapter_config.json").read_text())["num_experts"] == 2
 
 
 def test_compose_refuses_dora(tiny_llama_dir, tmp_path, capsys):

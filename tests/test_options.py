@@ -89,3 +89,18 @@ def test_tables():
     assert lines[2] == "a          1.5000" and lines[3] == "long name      10"
     both = metrics_table({"zero_shot": {"accuracy": 0.5}, "fine_tuned": {"accuracy": 0.75}})
     assert "zero_shot" in both and "0.7500" in both
+
+
+def test_structure_and_module_patterns_from_yaml_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "experts_structure: shared_a\na_dropout: 0.1\n"
+        "module_patterns:\n  self_attn\\..*: {num_experts: 1, router: soft}\n"
+    )
+    cfg = options_from_args(parse([str(path), "--fly-sparsity", "0.25"])).mola_config()
+    assert (cfg.experts_structure, cfg.a_dropout, cfg.fly_sparsity) == ("shared_a", 0.1, 0.25)
+    assert cfg.module_patterns == {"self_attn\\..*": {"num_experts": 1, "router": "soft"}}
+    flag = options_from_args(parse(["--module-patterns", '{"q_proj": {"r": 4}}']))
+    assert flag.mola_config().module_patterns == {"q_proj": {"r": 4}}
+    with pytest.raises(ValueError, match="^--module-patterns: invalid JSON"):
+        options_from_args(parse(["--module-patterns", "{q_proj"])).mola_config()

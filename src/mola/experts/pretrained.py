@@ -148,3 +148,14 @@ def compose_into(model: nn.Module, adapters: list[PeftLora]) -> None:
                     )
                 lora_a[i, :r] = a.to(lora_a.dtype)
                 lora_b[i, :, :r] = (b.double() * scaling).to(lora_b.dtype)
+
+
+def freeze_experts(model: nn.Module) -> int:
+    """Stop training every adapter tensor that is not a router's; returns how many it froze."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts) and "router" not in parts:
+            frozen += param.requires_grad
+            param.requires_grad_(False)
+    return frozen

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 
 from mola.core.config import LLAMA_TARGETS, MolaConfig
 from mola.data.prompts import TEMPLATES
+from mola.experts import STRUCTURES
 from mola.models.hub import DEFAULT_MODEL
 from mola.routing import ROUTERS
 
@@ -47,6 +49,16 @@ class TrainOptions:
     target_modules: str = _opt(",".join(LLAMA_TARGETS), "comma-separated module names")
     aux_loss_coef: float = _opt(0.001, "load-balancing loss weight")
     router_z_loss_coef: float = _opt(0.0, "router z-loss weight")
+    # expert structures, per-module allocation, pre-trained experts
+    experts_structure: str = _opt("stacked", "expert structure", choices=tuple(STRUCTURES))
+    module_patterns: str | None = _opt(
+        None, "per-module overrides: JSON (or a YAML mapping) of module regex -> settings"
+    )
+    a_dropout: float = _opt(0.0, "MoSLD: dropout on the entries of the shared A")
+    fly_sparsity: float | None = _opt(None, "FlyLoRA: nonzero share per row of A (top_k / r)")
+    balance_bias_rate: float = _opt(0.001, "FlyLoRA/SMoRA: loss-free balancing bias step")
+    init_from: str | None = _opt(None, "start from this adapter (e.g. mola compose's output)")
+    train_experts: bool = _opt(False, "with --init-from: train the experts too, not only routers")
     # optimisation
     lr: float = _opt(5e-4, "peak learning rate")
     epochs: float = _opt(1.0, "training epochs (ignored when --max-steps > 0)")
@@ -96,10 +108,28 @@ class TrainOptions:
             top_p=self.top_p,
             aux_loss_coef=self.aux_loss_coef,
             router_z_loss_coef=self.router_z_loss_coef,
+            experts_structure=self.experts_structure,
+            module_patterns=parse_patterns(self.module_patterns),
+            a_dropout=self.a_dropout,
+            fly_sparsity=self.fly_sparsity,
+            balance_bias_rate=self.balance_bias_rate,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_patterns(text: str | None) -> dict[str, Any]:
+    """``--module-patterns``: a JSON object (a YAML mapping arrives here as JSON)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--module-patterns: invalid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError("--module-patterns: expected a JSON object of regex -> overrides")
+    return value
 
 
 def _type_of(f: dataclasses.Field) -> Any:
@@ -174,6 +204,8 @@ def read_yaml(path: str, cls: type = TrainOptions) -> dict[str, Any]:
                 value = kind(value)
             except (TypeError, ValueError):
                 raise ValueError(f"config file {path}: {key} must be a {kind.__name__}") from None
+        if kind is str and isinstance(value, dict):
+            value = json.dumps(value)
         if kind is str and isinstance(value, list):
             value = ",".join(str(v) for v in value)
         out[name] = str(value) if kind is str and value is not None else value

@@ -9,10 +9,12 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
-from mola.core.model import get_mola_model
+from mola.core.config import MolaConfig
+from mola.core.model import MolaModel, get_mola_model
 from mola.data.datasets import Example, limit_examples, load_examples, load_file, load_task
 from mola.data.prompts import DataCollator, encode_for_training
 from mola.evaluation.evaluate import evaluate
+from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
 from mola.training.options import TrainOptions
 from mola.utils.io import write_json, write_jsonl, write_text
@@ -46,7 +48,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     from mola.training.trainer import train  # imports the Trainer stack only when training
 
     set_seed(opts.seed)
-    mola_config = opts.mola_config()
+    mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
     mola_config.resolve(len(_decoder_blocks(base)))  # fail on a bad spec before any work
@@ -74,7 +76,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         results["zero_shot"] = run_eval(base, "zero_shot")
         timings["eval_zero_shot_s"] = time.perf_counter() - start
 
-    model = get_mola_model(base, mola_config)
+    model = build_model(base, mola_config, opts)
     model.logits_only_where_labelled = True  # same loss, no vocab head on prompt positions
     trainable, total = model.num_parameters_split()
     print(
@@ -103,6 +105,17 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     results["timings"] = timings
     write_json(os.path.join(opts.output, "metrics.json"), results)
     return results
+
+
+def build_model(base: Any, config: MolaConfig, opts: TrainOptions) -> MolaModel:
+    """A fresh adapter, or with ``--init-from`` the saved one (its own config and weights) with
+    its experts frozen unless ``--train-experts``: routers only, as for composed LoRAs."""
+    if not opts.init_from:
+        return get_mola_model(base, config)
+    model = MolaModel.from_pretrained(base, opts.init_from, is_trainable=True)
+    if not opts.train_experts:
+        freeze_experts(model)
+    return model
 
 
 def summary(results: dict[str, Any]) -> str:
