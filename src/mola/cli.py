@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("mola.commands.analyze", "routing and expert analysis of a trained adapter"),
     "sweep": ("mola.commands.sweep", "train a grid of runs (resumable), table mean/std over seeds"),
     "compose": ("mola.commands.compose", "build a mola adapter whose experts are PEFT LoRAs"),
+    "allocate": ("mola.commands.allocate", "choose experts and ranks per layer under a budget"),
 }
 
 USER_ERRORS = (ValueError, OSError)

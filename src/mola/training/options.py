@@ -59,6 +59,9 @@ class TrainOptions:
     balance_bias_rate: float = _opt(0.001, "FlyLoRA/SMoRA: loss-free balancing bias step")
     init_from: str | None = _opt(None, "start from this adapter (e.g. mola compose's output)")
     train_experts: bool = _opt(False, "with --init-from: train the experts too, not only routers")
+    allocation: str | None = _opt(
+        None, "YAML from mola allocate: per-layer num_experts and r (replace --experts/--r)"
+    )
     # optimisation
     lr: float = _opt(5e-4, "peak learning rate")
     epochs: float = _opt(1.0, "training epochs (ignored when --max-steps > 0)")
@@ -97,10 +100,17 @@ class TrainOptions:
         """The adapter configuration these options describe."""
         targets = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         top_k = None if str(self.top_k).lower() in ("none", "") else self.top_k
+        experts, ranks = self.experts, self.r
+        if self.allocation:  # mola allocate's per-layer lists replace --experts/--r (and top_k)
+            from mola.allocators.io import read_allocation
+
+            chosen = read_allocation(self.allocation)
+            experts, ranks = chosen["num_experts"], chosen["r"]
+            top_k = chosen.get("top_k", top_k)
         return MolaConfig(
             target_modules=targets,
-            num_experts=self.experts,
-            r=self.r,
+            num_experts=experts,
+            r=ranks,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             top_k=top_k,

@@ -51,6 +51,12 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
+    if opts.allocation:  # a list of another length would be read as layer groups
+        from mola.allocators.io import check_fits
+
+        check_fits(
+            {"num_experts": mola_config.num_experts}, len(_decoder_blocks(base)), opts.allocation
+        )
     mola_config.resolve(len(_decoder_blocks(base)))  # fail on a bad spec before any work
     os.makedirs(opts.output, exist_ok=True)
     write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))

@@ -1,0 +1,1 @@
+"""Automatic layer-wise allocation of experts and ranks (``mola allocate``)."""

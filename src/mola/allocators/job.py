@@ -1,0 +1,182 @@
+"""The job behind ``mola allocate``: load model and data, probe, fit the budget, write the files."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mola.allocators import guilomo, redundancy
+from mola.allocators.budget import (
+    BUDGET_KINDS,
+    experts_at_rank,
+    fit_budget,
+    trainable_params,
+)
+from mola.allocators.io import plot_allocation, write_allocation
+from mola.allocators.probe import collate_rows, cycle, encode_examples, layer_costs, probe_model
+from mola.training.options import TrainOptions, _opt
+
+STRATEGIES = ("guilomo", "redundancy")
+
+
+@dataclass
+class AllocateOptions(TrainOptions):
+    """``mola allocate``: the model/data options of ``mola train`` plus the budget and probe."""
+
+    budget: int | None = _opt(None, "total experts or trainable params (with --by params)")
+    by: str = _opt("experts", "what --budget counts", choices=BUDGET_KINDS)
+    strategy: str = _opt("guilomo", "allocation strategy", choices=STRATEGIES)
+    max_experts: int = _opt(8, "largest candidate expert number (and the redundancy probe's)")
+    probe_steps: int = _opt(40, "probe steps (guilomo: one GSV + one expert step each)")
+    probe_examples: int = _opt(320, "training examples the probe uses")
+    heldout: float = _opt(0.25, "share of the probe examples held out for the GSV steps")
+    gsv_lr: float = _opt(0.1, "learning rate of the GuidedSelection Vectors")
+    output: str = _opt("alloc.yaml", "allocation YAML to write (a PNG is written beside it)")
+    lr: float = _opt(2e-3, "learning rate of the probe's experts and routers")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is None:
+            raise ValueError("--budget: required (total experts, or trainable params with --by)")
+        if self.max_experts < 1:
+            raise ValueError("--max-experts: must be >= 1")
+        if not 0.0 < self.heldout < 1.0:
+            raise ValueError("--heldout: must be in (0, 1)")
+        if self.probe_examples < 2:
+            raise ValueError("--probe-examples: must be >= 2 (a training and a held-out split)")
+
+
+def _single_int(value: str, flag: str) -> int:
+    try:
+        out = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{flag}: mola allocate needs one int here, got {value!r}") from None
+    if out < 1:
+        raise ValueError(f"{flag}: must be >= 1, got {out}")
+    return out
+
+
+def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
+    """Probe, allocate and write ``opts.output`` (YAML) and its PNG; returns the allocation."""
+    from transformers import set_seed
+
+    from mola.data.datasets import limit_examples, load_examples
+    from mola.models.loading import load_base
+
+    set_seed(opts.seed)
+    r_max = _single_int(opts.r, "--r")
+    top_k = _single_int(opts.top_k, "--top-k")
+    if top_k > opts.max_experts:
+        raise ValueError(f"--top-k {top_k} exceeds --max-experts {opts.max_experts}")
+    examples = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
+    examples = examples[: opts.probe_examples]
+    held = max(1, round(opts.heldout * len(examples)))
+    if len(examples) - held < 1:
+        raise ValueError("the training data is too small to split into training and held-out parts")
+    base, tokenizer = load_base(opts.model, progress=opts.progress)
+    config = opts.mola_config()
+    config.top_k = top_k
+    model = probe_model(base, config, opts.max_experts, r_max)
+    costs = layer_costs(model)
+    num_layers = len(costs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = encode_examples(
+        tokenizer, examples, opts.template, opts.cutoff_len, opts.train_on_inputs
+    )
+    train_batches = collate_rows(rows[:-held], opts.batch_size, int(pad or 0))
+    held_batches = collate_rows(rows[-held:], opts.batch_size, int(pad or 0))
+    top_ks = [top_k] * num_layers
+    start = time.perf_counter()
+    scores: dict[str, Any]
+    if opts.strategy == "guilomo":
+        found = guilomo.search(
+            model,
+            cycle(train_batches, opts.seed),
+            cycle(held_batches, opts.seed + 1),
+            opts.probe_steps,
+            lr=opts.lr,
+            gsv_lr=opts.gsv_lr,
+            progress=opts.progress,
+        )
+        expert_w, rank_w = found.experts, found.ranks
+        own_ranks = [max(1, round(r)) for r in found.ranks]
+        own_total = sum(max(1, round(e)) for e in found.experts)
+        scores = {
+            "gsv_experts": found.experts,
+            "gsv_ranks": found.ranks,
+            "gsv_expected_experts": found.expected_experts,
+            "gsv_expected_ranks": found.expected_ranks,
+        }
+        history = found.history
+    else:
+        found_r = redundancy.measure(
+            model,
+            cycle(train_batches, opts.seed),
+            held_batches,
+            opts.probe_steps,
+            lr=opts.lr,
+            progress=opts.progress,
+        )
+        expert_w, rank_w = found_r.redundancy, [1.0] * num_layers
+        own_ranks = [r_max] * num_layers
+        own_total = experts_at_rank(expert_w, opts.budget, costs, top_ks, r_max)
+        scores = {"redundancy": found_r.redundancy, "normalised_entropy": found_r.entropy}
+        history = found_r.history
+    probe_seconds = time.perf_counter() - start
+    experts, ranks = fit_budget(
+        opts.by,
+        opts.budget,
+        expert_w,
+        rank_w,
+        costs,
+        top_ks,
+        ranks=own_ranks,
+        total_experts=own_total,
+    )
+    params = trainable_params(experts, ranks, costs)
+    result = {
+        "num_experts": experts,
+        "r": ranks,
+        "top_k": top_k,
+        "num_layers": num_layers,
+        "total_experts": sum(experts),
+        "trainable_params": params,
+        "strategy": opts.strategy,
+        "by": opts.by,
+        "budget": opts.budget,
+        "probe_seconds": round(probe_seconds, 1),
+        "model": opts.model,
+        "data": opts.data or opts.task,
+        "probe": {
+            "steps": opts.probe_steps,
+            "examples": len(examples),
+            "heldout": held,
+            "max_experts": opts.max_experts,
+            "max_rank": r_max,
+            "lr": opts.lr,
+            "gsv_lr": opts.gsv_lr,
+            "template": opts.template,
+            "first_loss": history[0],
+            "last_loss": history[-1],
+        },
+        "scores": scores,
+    }
+    write_allocation(opts.output, result)
+    png = os.path.splitext(opts.output)[0] + ".png"
+    title = f"{opts.strategy}, budget {opts.budget} {opts.by}: "
+    title += f"{sum(experts)} experts, {params:,d} trainable params"
+    plot_allocation(png, experts, ranks, title)
+    result.update(png=png, output=opts.output)
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The one-line summary: total experts, trainable params, probe time, files."""
+    return (
+        f"mola allocate ({result['strategy']}, --by {result['by']} {result['budget']}): "
+        f"{result['total_experts']} experts over {result['num_layers']} layers, "
+        f"trainable params {result['trainable_params']:,d}, probe {result['probe_seconds']:.0f}s "
+        f"-> {result['output']}, {result['png']}"
+    )
