@@ -13,8 +13,9 @@ Two kinds of budget (``--by``):
   ``E_l * sum(d_in + d_out)`` of the cheapest layer).
 
 Always: every layer keeps at least one expert and at least ``top_k`` experts, and rank >= 1.
-Scores are shaped proportionally (largest-remainder rounding, layers whose share falls under the
-minimum pinned at it and the rest re-shared).
+A strategy's per-layer weights say how much a layer wants *above* that floor: the budget left
+after the floors is shared in proportion to them (largest-remainder rounding), so a layer with
+no evidence for more keeps the floor.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ def _clean(weights: Sequence[float]) -> list[float]:
 
 
 def apportion(weights: Sequence[float], total: int, minimum: Sequence[int]) -> list[int]:
-    """Integers proportional to ``weights``, each >= its ``minimum``, summing to ``total``.
+    """Each layer's ``minimum`` plus a share of the rest in proportion to ``weights``; sums to
+    ``total``.
 
-    Layers whose proportional share would fall under their minimum are pinned at it and the rest
-    is re-shared among the others; shares are rounded by largest remainder (ties: lower layer).
-    Non-positive or non-finite weights count as 0; all-zero weights mean a uniform share.
+    The weights say how much a layer wants *above* its floor (a layer with weight 0 keeps its
+    minimum). Shares are rounded by largest remainder (ties: the lower layer). Non-positive or
+    non-finite weights count as 0; all-zero weights share the rest uniformly.
 
     Raises:
         ValueError: ``total`` is below ``sum(minimum)``.
@@ -64,26 +66,11 @@ def apportion(weights: Sequence[float], total: int, minimum: Sequence[int]) -> l
     if total < sum(minimum):
         raise ValueError(f"total {total} is below the minimum {sum(minimum)} ({list(minimum)})")
     w = _clean(weights)
-    pinned: dict[int, int] = {}
-    while True:
-        free = [i for i in range(len(w)) if i not in pinned]
-        rest = total - sum(pinned.values())
-        mass = sum(w[i] for i in free)
-        shares = {i: rest * w[i] / mass if mass > 0 else rest / len(free) for i in free}
-        below = [i for i in free if shares[i] < minimum[i]]
-        if not below:
-            break
-        for i in below:
-            pinned[i] = minimum[i]
-    out = [0] * len(w)
-    for i, v in pinned.items():
-        out[i] = v
-    floors = {i: math.floor(shares[i]) for i in free}
-    for i in free:
-        out[i] = floors[i]
-    left = total - sum(out)
-    order = sorted(free, key=lambda i: (-(shares[i] - floors[i]), i))
-    for i in order[:left]:
+    rest = total - sum(minimum)
+    shares = [rest * wi / sum(w) for wi in w]
+    out = [m + math.floor(sh) for m, sh in zip(minimum, shares, strict=True)]
+    order = sorted(range(len(w)), key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
+    for i in order[: total - sum(out)]:
         out[i] += 1
     return out
 
@@ -111,10 +98,11 @@ def fit_experts(weights: Sequence[float], budget: int, top_k: Sequence[int | Non
 def fit_ranks(
     weights: Sequence[float], num_experts: Sequence[int], costs: Sequence[LayerCost], budget: int
 ) -> list[int]:
-    """Ranks proportional to ``weights`` filling a parameter ``budget`` to within one rank unit.
+    """Ranks ``1 + share`` (shares proportional to ``weights``) filling a parameter ``budget``.
 
-    With the experts fixed, ``r_l ~ s * w_l`` for the largest scale ``s`` that fits, then one rank
-    at a time goes to the layer furthest below its share while any layer's next rank still fits.
+    With the experts fixed, ``r_l = 1 + floor(s * w_l)`` for the largest scale ``s`` that fits,
+    then one rank at a time goes to the layer furthest below its share while any layer's next
+    rank still fits.
     On return ``params <= budget < params + min_l E_l * rank_unit_l``.
 
     Raises:
@@ -126,7 +114,7 @@ def fit_ranks(
     room = budget - fixed
 
     def cost(scale: float) -> int:
-        return sum(max(1, math.floor(scale * wi)) * u for wi, u in zip(w, units, strict=True))
+        return sum((1 + math.floor(scale * wi)) * u for wi, u in zip(w, units, strict=True))
 
     if room < sum(units):
         need = fixed + sum(units)
@@ -138,13 +126,13 @@ def fit_ranks(
     for _ in range(100):  # largest scale whose floor-ranks fit
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= room else (lo, mid)
-    ranks = [max(1, math.floor(lo * wi)) for wi in w]
+    ranks = [1 + math.floor(lo * wi) for wi in w]
     left = room - sum(r * u for r, u in zip(ranks, units, strict=True))
     while True:
         fits = [i for i, u in enumerate(units) if u <= left]
         if not fits:
             break
-        i = max(fits, key=lambda j: (lo * w[j] - ranks[j], -j))
+        i = max(fits, key=lambda j: (1 + lo * w[j] - ranks[j], -j))
         ranks[i] += 1
         left -= units[i]
     return ranks

@@ -100,7 +100,9 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
             gsv_lr=opts.gsv_lr,
             progress=opts.progress,
         )
-        expert_w, rank_w = found.experts, found.ranks
+        # the evidence for more than the smallest candidate (top_k experts, rank 1)
+        expert_w = [e - top_k for e in found.experts]
+        rank_w = [r - 1 for r in found.ranks]
         own_ranks = [max(1, round(r)) for r in found.ranks]
         own_total = sum(max(1, round(e)) for e in found.experts)
         scores = {
