@@ -31,8 +31,14 @@ def layer_costs(model: MolaModel) -> list[LayerCost]:
 
 
 def probe_model(base: torch.nn.Module, config: MolaConfig, num_experts: int, r: int) -> MolaModel:
-    """``base`` with every layer given ``num_experts`` experts of rank ``r`` (uniform probe)."""
-    probe = MolaConfig(**{**config.to_dict(), "num_experts": num_experts, "r": r})
+    """``base`` with every layer given ``num_experts`` experts of rank ``r`` (uniform probe).
+
+    The probe always uses stacked experts and no per-module overrides: the allocation it finds
+    is per decoder layer.
+    """
+    settings = {**config.to_dict(), "num_experts": num_experts, "r": r}
+    settings.update(experts_structure="stacked", module_patterns={})
+    probe = MolaConfig(**settings)
     model = get_mola_model(base, probe)
     model.logits_only_where_labelled = True
     return model
