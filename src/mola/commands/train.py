@@ -16,5 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results = run_training(options_from_args(args))
-    print(summary(results))
+    if results.get("main_process", True):  # under torchrun only rank 0 reports
+        print(summary(results))
     return 0

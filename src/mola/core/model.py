@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
 from mola import __version__
 from mola.core.checkpoint import (
@@ -25,6 +28,7 @@ from mola.core.config import MolaConfig
 from mola.core.injection import inject
 from mola.core.layer import MolaLinear
 from mola.routing import build_router, load_balancing_loss, router_z_loss
+from mola.training.distributed import is_distributed
 
 
 class MolaModel(nn.Module):
@@ -93,9 +97,9 @@ class MolaModel(nn.Module):
             if not capturing:
                 store.clear()
             cfg = self.mola_config
-            output["lm_loss"] = output.loss
-            output["aux_loss"] = aux
-            output["router_z_loss"] = z_loss
+            output = with_router_losses(
+                output, lm_loss=output.loss, aux_loss=aux, router_z_loss=z_loss
+            )
             output["loss"] = output.loss + cfg.aux_loss_coef * aux + cfg.router_z_loss_coef * z_loss
         return output
 
@@ -120,17 +124,26 @@ class MolaModel(nn.Module):
         )
         return output
 
+    #: In training mode under a ``torch.distributed`` group, take the router losses over the
+    #: global batch (see :func:`mola.routing.load_balancing_loss`); set False for per-process.
+    global_router_losses: bool = True
+
     def router_losses(self, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Unweighted (load-balancing, z) losses, summed over layers, from the collected logits."""
+        """Unweighted (load-balancing, z) losses, summed over layers, from the collected logits.
+
+        In training mode with several processes (``torch.distributed``), both are computed over
+        the global batch: one all-reduce per layer, so every process must run the same forward.
+        """
         zero = torch.zeros((), device=self._device())
         balance, z_loss = zero, zero
+        sync = self.global_router_losses and self.training and is_distributed()
         for idx, router in enumerate(self._layer_routers):
             logits = self.router_store.layer_logits(idx)
             if not logits:
                 continue
-            balance = balance + load_balancing_loss(logits, router, attention_mask)
+            balance = balance + load_balancing_loss(logits, router, attention_mask, sync)
             if self.mola_config.router_z_loss_coef > 0:
-                z_loss = z_loss + router_z_loss(logits, attention_mask)
+                z_loss = z_loss + router_z_loss(logits, attention_mask, sync)
         return balance, z_loss
 
     @contextmanager
@@ -247,6 +260,32 @@ class MolaModel(nn.Module):
             for name, param in model.named_parameters():
                 param.requires_grad_(is_adapter_name(name))
         return model
+
+
+#: Extra output fields of a training forward (with ``labels``); add new loss terms here.
+ROUTER_LOSS_FIELDS = ("lm_loss", "aux_loss", "router_z_loss")
+
+
+@functools.cache
+def _output_class(base: type) -> type:
+    """``base`` (a ``ModelOutput`` dataclass) plus the :data:`ROUTER_LOSS_FIELDS`.
+
+    A real dataclass, not keys set on the base output: DDP rebuilds the output from its pytree
+    as ``type(output)(**fields)``, which fails on keys the class does not declare.
+    """
+    extra = [(name, Any, None) for name in ROUTER_LOSS_FIELDS]
+    cls = dataclasses.make_dataclass(f"Mola{base.__name__}", extra, bases=(base,))
+    cls.__module__ = __name__
+    return cls
+
+
+def with_router_losses(output: Any, **losses: Tensor) -> Any:
+    """``output`` as an instance of :func:`_output_class`, carrying ``losses`` too."""
+    if not (isinstance(output, ModelOutput) and dataclasses.is_dataclass(output)):
+        for key, value in losses.items():
+            output[key] = value
+        return output
+    return _output_class(type(output))(**dict(output.items()), **losses)
 
 
 def get_mola_model(model: nn.Module, config: MolaConfig | None = None) -> MolaModel:

@@ -8,10 +8,14 @@ import torch
 from torch import Tensor
 
 from mola.routing.routers import Router
+from mola.training.distributed import global_sums
 
 
 def load_balancing_loss(
-    logits: Sequence[Tensor], router: Router, attention_mask: Tensor | None = None
+    logits: Sequence[Tensor],
+    router: Router,
+    attention_mask: Tensor | None = None,
+    global_batch: bool = False,
 ) -> Tensor:
     """MoLA's load-balancing loss for one decoder layer.
 
@@ -22,10 +26,21 @@ def load_balancing_loss(
     This follows the MoLA paper's code. MoE-PEFT instead counts ``f_i`` per top-k slot, which makes
     ``sum_i f_i = k`` and the loss ``k`` times larger.
 
+    Data parallelism (``global_batch=True`` with a ``torch.distributed`` group of N > 1
+    processes): ``f_i`` and ``P_i`` are taken over the global batch, not each process's share.
+    The selection counts, the probability sums and the row counts are summed over processes
+    (one all-reduce per layer), so every process gets the loss of the whole batch. The gradient
+    reaches only this process's own probabilities, multiplied by N, because DDP/FSDP/DeepSpeed
+    average gradients over processes: N processes with batch b then step exactly like one
+    process with batch N*b (tested with 2 gloo processes against one). A per-process loss would
+    instead balance each shard separately, which is a different (and noisier) objective.
+
     Args:
         logits: router logits of each module, each ``(N, E)`` (or ``(B, T, E)``).
         router: the layer's router; it decides which assignments count as selected.
         attention_mask: optional ``(B, T)`` mask; rows where it is 0 (padding) are left out.
+        global_batch: sum the statistics over the processes of the process group (a collective:
+            every process must call it for the same layers); without a group it changes nothing.
 
     Returns:
         A scalar fp32 tensor.
@@ -36,22 +51,39 @@ def load_balancing_loss(
     if keep is not None:
         probs = probs * keep[:, None]
         mask = mask & keep[:, None].bool()
-        rows = keep.sum().clamp_min(1)
+        rows = keep.sum()
     else:
-        rows = torch.tensor(probs.shape[0], device=probs.device)
+        rows = torch.tensor(float(probs.shape[0]), device=probs.device)
     counts = mask.sum(dim=0).float()
+    p_sum = probs.sum(dim=0)
+    if global_batch:
+        p_sum, plain = global_sums(p_sum, torch.cat([counts, rows.reshape(1)]))
+        counts, rows = plain[:-1], plain[-1]
     f = counts / counts.sum().clamp_min(1)
-    p_mean = probs.sum(dim=0) / rows
+    p_mean = p_sum / rows.clamp_min(1)
     return probs.shape[-1] * (f * p_mean).sum()
 
 
-def router_z_loss(logits: Sequence[Tensor], attention_mask: Tensor | None = None) -> Tensor:
-    """Router z-loss for one layer: the mean over rows of ``logsumexp(z)^2`` (ST-MoE)."""
+def router_z_loss(
+    logits: Sequence[Tensor], attention_mask: Tensor | None = None, global_batch: bool = False
+) -> Tensor:
+    """Router z-loss for one layer: the mean over rows of ``logsumexp(z)^2`` (ST-MoE).
+
+    ``global_batch``: the mean over the rows of all processes, with the gradient scaled as in
+    :func:`load_balancing_loss`.
+    """
     z, keep = _stack(logits, attention_mask)
     sq = torch.logsumexp(z.float(), dim=-1).square()
-    if keep is None:
-        return sq.mean()
-    return (sq * keep).sum() / keep.sum().clamp_min(1)
+    if keep is not None:
+        sq = sq * keep
+        rows = keep.sum()
+    else:
+        rows = torch.tensor(float(sq.shape[0]), device=sq.device)
+    total = sq.sum()
+    if global_batch:
+        total, rows = global_sums(total.reshape(1), rows.reshape(1))
+        total, rows = total[0], rows[0]
+    return total / rows.clamp_min(1)
 
 
 def _stack(logits: Sequence[Tensor], attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from mola.data.prompts import DataCollator, encode_for_training
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
+from mola.training.distributed import check_launch, is_main_process
 from mola.training.options import TrainOptions
 from mola.utils.io import write_json, write_jsonl, write_text
 from mola.utils.tables import metrics_table
@@ -42,12 +44,21 @@ def load_train_eval(opts: TrainOptions) -> tuple[list[Example], list[Example] | 
 def run_training(opts: TrainOptions) -> dict[str, Any]:
     """Fine-tune with MoLA as ``opts`` says; writes the adapter, config, logs and metrics.
 
+    Under ``torchrun`` / ``accelerate launch`` every process trains its share of each global
+    batch, and only the main process (global rank 0) writes files, prints and shows progress
+    bars; evaluation runs on the main process alone, after training.
+
     Returns:
-        The metrics written to ``<output>/metrics.json``.
+        The metrics written to ``<output>/metrics.json`` (on the main process; the others
+        return their options and training metrics only, with ``"main_process": False``).
     """
     from mola.training.trainer import train  # imports the Trainer stack only when training
 
+    check_launch()
     set_seed(opts.seed)
+    main = is_main_process()
+    if not main:
+        opts = dataclasses.replace(opts, progress=False)
     mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
@@ -58,8 +69,9 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
             {"num_experts": mola_config.num_experts}, len(_decoder_blocks(base)), opts.allocation
         )
     mola_config.resolve(len(_decoder_blocks(base)))  # fail on a bad spec before any work
-    os.makedirs(opts.output, exist_ok=True)
-    write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))
+    if main:
+        os.makedirs(opts.output, exist_ok=True)
+        write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))
 
     def run_eval(model: Any, name: str) -> dict[str, float]:
         metrics, records = evaluate(
@@ -77,7 +89,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
 
     results: dict[str, Any] = {"options": opts.to_dict()}
     timings: dict[str, float] = {}
-    if opts.eval_before and eval_examples is not None:
+    if main and opts.eval_before and eval_examples is not None:
         start = time.perf_counter()
         results["zero_shot"] = run_eval(base, "zero_shot")
         timings["eval_zero_shot_s"] = time.perf_counter() - start
@@ -85,10 +97,11 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     model = build_model(base, mola_config, opts)
     model.logits_only_where_labelled = True  # same loss, no vocab head on prompt positions
     trainable, total = model.num_parameters_split()
-    print(
-        f"mola: {len(train_examples)} training examples; experts per layer "
-        f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
-    )
+    if main:
+        print(
+            f"mola: {len(train_examples)} training examples; experts per layer "
+            f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
+        )
     rows = [
         encode_for_training(tokenizer, e, opts.template, opts.cutoff_len, opts.train_on_inputs)
         for e in train_examples
@@ -96,6 +109,8 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     start = time.perf_counter()
     trained = train(model, rows, DataCollator(tokenizer.pad_token_id), opts)
     timings["train_s"] = time.perf_counter() - start
+    if not main:
+        return {"options": opts.to_dict(), "train": trained["train"], "main_process": False}
     write_jsonl(os.path.join(opts.output, "train_log.jsonl"), trained["log_history"])
     results.update(
         allocation=model.allocation,

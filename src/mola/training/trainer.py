@@ -1,10 +1,15 @@
 """Training with the transformers ``Trainer``, subclassed only where MoLA differs.
 
-``MolaTrainer`` changes three things: it logs the LM loss and the auxiliary load-balancing loss
+``MolaTrainer`` changes these things: it logs the LM loss and the auxiliary load-balancing loss
 separately, it saves the MoLA adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
-instead of the whole model, and it resumes by loading that adapter back. Everything else
-(accumulation, schedule and warmup, checkpoints, mixed precision, checkpointing, TensorBoard,
-``accelerate launch``) is the Trainer's own.
+instead of the whole model, and it resumes by loading that adapter back. Under data parallelism
+(``torchrun`` or ``accelerate launch``, one process per device) each step is the step of one
+process holding the whole global batch: the LM loss is the mean over the tokens of the global
+batch (as transformers' ``average_tokens_across_devices`` does), the router losses are taken
+over the global batch (see :func:`mola.routing.load_balancing_loss`), and the examples are drawn
+in the same order whatever the number of processes. Everything else (accumulation, schedule and
+warmup, checkpoints, mixed precision, activation checkpointing, TensorBoard, DDP) is the
+Trainer's own.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import os
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from mola.core.checkpoint import load_adapter_weights
 from mola.core.model import MolaModel
+from mola.training import distributed
 from mola.training.options import TrainOptions
 
 
@@ -37,14 +44,66 @@ class EncodedDataset(Dataset):
         return self.rows[idx]
 
 
+class GlobalLengthGroupedSampler(Sampler[int]):
+    """The Trainer's ``group_by_length`` order, the same for any number of processes.
+
+    The Trainer's own ``LengthGroupedSampler`` groups by the per-process batch and draws its
+    permutation from the global RNG, which accelerate replaces, under several processes, with a
+    fresh generator of its own: 2 processes x batch 2 then see other examples, in another order,
+    than 1 process x batch 4. This sampler groups by the global batch (per-device batch x
+    processes x accumulation) and draws from a generator seeded by ``seed + epoch``, so the
+    sequence of global batches depends only on the data, the seed and the global batch size,
+    and a resumed run replays the same epoch order. Accelerate then hands consecutive
+    per-device batches of it to consecutive processes.
+    """
+
+    def __init__(self, lengths: list[int], global_batch: int, seed: int) -> None:
+        self.lengths = lengths
+        self.global_batch = global_batch
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.global_batch, generator=rng))
+
+
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Number of predicted tokens: labels after the first position that are not -100."""
+    return labels[..., 1:].ne(-100).sum()
+
+
 class MolaTrainer(Trainer):
     """``Trainer`` that logs ``lm_loss``/``aux_loss`` and saves only the MoLA adapter."""
 
+    # compute_loss returns a loss already normalised over the accumulated global batch
+    loss_is_scaled_for_ga = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; Trainer averages
+        self.model_accepts_loss_kwargs = False  # MolaModel returns a mean; compute_loss rescales
         self._sums = {"lm_loss": 0.0, "aux_loss": 0.0}
-        self._count = 0
+        self._log_span = 0
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [len(row["input_ids"]) for row in dataset]
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.world_size
+        global_batch *= args.gradient_accumulation_steps
+        return GlobalLengthGroupedSampler(lengths, global_batch, args.seed)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """Predicted tokens in this optimizer step's batches, summed over all processes."""
+        local = sum(count_targets(batch["labels"]) for batch in batch_samples)
+        local = torch.as_tensor(local, device=device, dtype=torch.float32)
+        return distributed.all_reduce_sum(local).clamp_min(1)
 
     def compute_loss(
         self,
@@ -53,21 +112,44 @@ class MolaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        """The micro-batch's share of the global step loss.
+
+        ``lm_loss`` (a mean over this micro-batch's tokens) is turned into a sum over them
+        divided by the tokens of the whole step (all micro-batches, all processes), times the
+        number of processes because DDP averages the gradients; the router losses (already over
+        the global batch) are divided by the accumulation steps. Summed over micro-batches and
+        averaged over processes, that is one process's loss over the global batch.
+        """
         outputs = model(**inputs)
-        if model.training:
-            for key in self._sums:
-                value = outputs.get(key)
-                if value is not None:
-                    self._sums[key] += float(value.detach())
-            self._count += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        if model.training and num_items_in_batch is not None and "lm_loss" in outputs:
+            lm = outputs["lm_loss"]
+            local = count_targets(inputs["labels"])
+            share = local.to(lm.dtype) / num_items_in_batch
+            lm_part = lm * share if int(local) > 0 else lm.nan_to_num(0.0) * 0.0
+            router_part = (loss - lm) / self.current_gradient_accumulation_steps
+            loss = self.args.world_size * lm_part + router_part
+            self._sums["lm_loss"] += float(lm_part.detach())
+            aux = outputs.get("aux_loss")
+            if aux is not None:
+                self._sums["aux_loss"] += (
+                    float(aux.detach()) / self.current_gradient_accumulation_steps
+                )
+        return (loss, outputs) if return_outputs else loss
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        self._log_span = self.state.global_step - self._globalstep_last_logged
+        super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._count:
-            for key, total in self._sums.items():
-                logs[key] = round(total / self._count, 6)
+        """Adds ``lm_loss`` and ``aux_loss``: per-step means over the global batch."""
+        if "loss" in logs and self._log_span > 0:
+            sums = torch.tensor(list(self._sums.values()), dtype=torch.float64)
+            lm = distributed.all_reduce_sum(sums.to(self.args.device))[0]  # per-process shares
+            logs["lm_loss"] = round(float(lm) / self._log_span, 6)
+            logs["aux_loss"] = round(self._sums["aux_loss"] / self._log_span, 6)  # global already
             self._sums = dict.fromkeys(self._sums, 0.0)
-            self._count = 0
+            self._log_span = 0
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -83,7 +165,9 @@ class MolaTrainer(Trainer):
 def training_arguments(opts: TrainOptions, num_examples: int) -> TrainingArguments:
     """``TrainingArguments`` for ``opts``, written for transformers 4.45+ and 5.x alike."""
     accepted = inspect.signature(TrainingArguments.__init__).parameters
-    per_epoch = math.ceil(num_examples / (opts.batch_size * opts.grad_accum))
+    per_epoch = math.ceil(
+        num_examples / (opts.batch_size * opts.grad_accum * distributed.world_size())
+    )
     total = opts.max_steps if opts.max_steps > 0 else math.ceil(per_epoch * opts.epochs)
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {
@@ -101,6 +185,7 @@ def training_arguments(opts: TrainOptions, num_examples: int) -> TrainingArgumen
         "save_steps": max(opts.save_steps, 1),
         "save_total_limit": 2,
         "seed": opts.seed,
+        "use_cpu": not cuda,  # gloo process group under torchrun on CPU (else not distributed)
         "bf16": cuda and torch.cuda.is_bf16_supported(),
         "dataloader_pin_memory": cuda,
         "remove_unused_columns": False,
@@ -121,6 +206,23 @@ def training_arguments(opts: TrainOptions, num_examples: int) -> TrainingArgumen
     if "eval_strategy" in accepted:
         kwargs["eval_strategy"] = "no"
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def start_line(args: TrainingArguments) -> str:
+    """One line: processes, backend, device and the global batch it makes."""
+    n = args.world_size
+    per, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    where = (
+        f"data-parallel on {n} processes ({distributed.backend()}, {args.device.type})"
+        if n > 1
+        else f"1 process ({args.device.type})"
+    )
+    procs = f"{n} process{'es' if n > 1 else ''}"
+    steps = f"{accum} accumulation step{'s' if accum > 1 else ''}"
+    return (
+        f"mola: training {where}; global batch {per * n * accum} = {per} per device "
+        f"x {procs} x {steps}"
+    )
 
 
 def last_checkpoint(output: str) -> str | None:
@@ -145,6 +247,8 @@ def train(
     trainer = MolaTrainer(
         model=model, args=args, train_dataset=EncodedDataset(rows), data_collator=collator
     )
+    if trainer.is_world_process_zero():
+        print(start_line(trainer.args))
     resume = None
     if opts.resume:
         resume = last_checkpoint(opts.output)
