@@ -83,7 +83,7 @@ def test_grid_kill_rerun_failure_and_aggregation(tmp_path, tiny_llama_dir, data,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while len(finished(runs)) < 2 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
     finally:
@@ -169,12 +169,18 @@ def test_resume_stale_and_only(tmp_path, tiny_llama_dir, data, capsys):
     assert "resumed" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["resumed_from"].endswith("checkpoint-1")
+    assert main(["sweep", str(sweep), "--list"]) == 0  # sizes from a meta-device model
+    experts = sum(metrics["allocation"]["num_experts"])
+    trainable = metrics["trainable_params"]
+    assert f"a_seed-1: done ({experts} experts, {trainable:,d} trainable params)" in (
+        capsys.readouterr().out
+    )
 
     # the sweep file changed: the finished run no longer matches and is trained again
     spec["base"]["lr"] = 1e-3
     write_sweep(sweep, **spec)
     assert main(["sweep", str(sweep), "--list"]) == 0
-    assert "a_seed-1: stale" in capsys.readouterr().out
+    assert "a_seed-1: stale (" in capsys.readouterr().out
     assert main(["sweep", str(sweep), "--only", "variant=a"]) == 0
     assert "skipped" not in capsys.readouterr().out
     assert json.loads((run / "metrics.json").read_text())["options"]["lr"] == 1e-3

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train nothing: write and print the results of the runs finished so far",
     )
     parser.add_argument(
-        "--list", action="store_true", help="train nothing: list the runs and their status"
+        "--list",
+        action="store_true",
+        help="train nothing: list the runs, their status, total experts and trainable params",
     )
     parser.add_argument(
         "--only",
@@ -52,8 +54,14 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.sweep)
     runs = spec.runs()
     if args.list:
+        from mola.sweep.plan import run_size
+
         for index, item in enumerate(runs, 1):
-            print(f"[{index}/{len(runs)}] {item.name}: {run_state(item).status}")
+            experts, params = run_size(item)
+            print(
+                f"[{index}/{len(runs)}] {item.name}: {run_state(item).status} "
+                f"({experts} experts, {params:,d} trainable params)"
+            )
         return 0
     states = {r.name: run_state(r) for r in runs}
     if not args.report:

@@ -147,7 +147,14 @@ def plot_results(groups: list[Group], keys: list[str], metrics: list[str], path:
         means = [g.mean(metric) or 0.0 for g in groups]
         errs = [g.std(metric) or 0.0 for g in groups]
         labels = ["\n".join(g.labels.get(k, "") for k in keys) + f"\nn={g.n}" for g in groups]
-        ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color="#4c72b0")
+        shade = keys[-1] if len(keys) > 1 else None  # e.g. colour by task when arms x tasks
+        kinds = list(dict.fromkeys(g.labels.get(shade, "") for g in groups)) if shade else [""]
+        palette = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+        colors = [
+            palette[kinds.index(g.labels.get(shade, "")) % len(palette)] if shade else palette[0]
+            for g in groups
+        ]
+        ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color=colors)
         ax.set_xticks(range(len(groups)), labels, fontsize=7)
         ax.set_ylabel(f"{metric} (mean ± std over seeds)")
         low = min(m - e for m, e in zip(means, errs, strict=True))
