@@ -340,12 +340,12 @@ def bad_file(tmp_path, name, text):
         (lambda d, m, a, g: ["train", "--model", m, "--task", "nope"], "unknown task 'nope'"),
         (lambda d, m, a, g: ["train", "--model", "no-such-model"], "unknown model 'no-such-model'"),
         (
-            lambda d, m, a, g: ["train", "--model", m, "--experts", "1,2,3"],
+            lambda d, m, a, g: ["train", "--model", m, "--experts", "2,2,3"],
             "num_experts: got 3 values for 2 decoder layers",
         ),
         (
             lambda d, m, a, g: ["train", "--model", m, "--experts", "2", "--top-k", "3"],
-            "top_k: 3 is not in 1..2",
+            "--top-k: 3 is more than the 2 experts",
         ),
         (
             lambda d, m, a, g: ["train", "--model", m, "--experts", "2", "--target-modules", "foo"],

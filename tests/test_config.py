@@ -83,7 +83,7 @@ def test_module_patterns_override_per_module():
 def test_rank_wise_structures_have_one_expert_per_rank():
     cfg = MolaConfig(experts_structure="rankwise", r=[8, 16], num_experts=3, top_k=4)
     assert cfg.module_spec("m.layers.1.q_proj", 1, 2).num_experts == 16
-    with pytest.raises(ValueError, match="top_k: 4 is not in 1..2"):
+    with pytest.raises(ValueError, match="top_k: 4 is more than the 2 experts"):
         MolaConfig(experts_structure="flylora", r=2, top_k=4).module_spec("q_proj", 0, 1)
 
 

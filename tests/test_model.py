@@ -196,8 +196,15 @@ def test_regex_targets_only_mlp():
             MolaConfig(target_modules=["input_layernorm"], num_experts=2),
             "is a LlamaRMSNorm, not a linear layer",
         ),
-        (MolaConfig(num_experts=[1, 2, 3, 4, 5]), "num_experts: got 5 values for 4 decoder"),
-        (MolaConfig(num_experts=[1, 2], top_k=2), "decoder layer 0: top_k: 2 is not in 1..1"),
+        (MolaConfig(num_experts=[2, 2, 3, 4, 5]), "num_experts: got 5 values for 4 decoder"),
+        (
+            MolaConfig(num_experts=[1, 2], top_k=[2, 2, 2, 2]),
+            "decoder layer 0: top_k: 2 is not in 1..1",
+        ),
+        (
+            MolaConfig(target_modules=["q_proj", "nonexistent_proj"], num_experts=2),
+            r"target_modules: \['nonexistent_proj'\] matches no module",
+        ),
     ],
 )
 def test_bad_model_config(cfg, message):

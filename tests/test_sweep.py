@@ -192,7 +192,7 @@ def test_resume_stale_and_only(tmp_path, tiny_llama_dir, data, capsys):
         ({"grid": {"experts": [2]}, "bogus": 1}, "unknown key 'bogus'"),
         ({"base": {"learning_rate": 1}}, "unknown option 'learning_rate'"),
         ({"base": {"output": "x"}}, "set by the sweep"),
-        ({"grid": {"lr": [-1.0]}}, "--lr: must be > 0"),
+        ({"grid": {"lr": [-1.0]}}, "--lr: must be a finite number > 0"),
         ({"grid": {"max_steps": ["many"]}}, "max_steps: expected int"),
         ({"variants": [{"experts": 2}]}, "must be a mapping with a 'name'"),
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "two variants are named 'a'"),

@@ -36,7 +36,7 @@ DEMO_RECIPE: dict[str, object] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_option_flags(parser)
+    add_option_flags(parser, defaults=DEMO_RECIPE)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,7 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _check(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.cutoff_len < 2:
+        raise ValueError(f"--cutoff-len: must be >= 2, got {args.cutoff_len}")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check(args)
     progress = not args.no_progress
     examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
     template = args.template or training_template(args.adapter) or "alpaca"

@@ -34,8 +34,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    from mola.core.config import check_number
+
     if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens: must be >= 1")
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    check_number("--temperature", args.temperature, low=0.0)
+    if not args.prompt.strip():
+        raise ValueError("prompt: empty; give the instruction or question to answer")
     progress = not args.no_progress
     if args.adapter:
         model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)

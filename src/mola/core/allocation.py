@@ -37,8 +37,11 @@ def _parse(spec: LayerSpec, field: str) -> list[int]:
         name = spec.strip().lower().replace("_", "-")
         if name in SHAPES:
             return list(SHAPES[name])
+        items = spec.replace(" ", "").split(",")
+        if "" in items and spec.strip():
+            raise ValueError(f"{field}: empty item in {spec!r}; give numbers like '2,4,6,8'")
         try:
-            values = [int(v) for v in spec.replace(" ", "").split(",") if v != ""]
+            values = [int(v) for v in items]
         except ValueError:
             values = []
         return values or _bad(spec, field)
@@ -58,6 +61,18 @@ def _bad(spec: object, field: str) -> list[int]:
     )
 
 
+def check_spec(spec: LayerSpec, field: str) -> list[int]:
+    """The values of a layer spec, checked without a model: readable and each >= 1.
+
+    Raises:
+        ValueError: the spec cannot be read, has an empty item, or holds a value below 1.
+    """
+    values = _parse(spec, field)
+    if any(v < 1 for v in values):
+        raise ValueError(f"{field}: every value must be >= 1, got {values}")
+    return values
+
+
 def allocate(spec: LayerSpec, num_layers: int, *, field: str = "num_experts") -> list[int]:
     """Resolve a layer spec into one positive int per decoder layer.
 
@@ -74,9 +89,7 @@ def allocate(spec: LayerSpec, num_layers: int, *, field: str = "num_experts") ->
     """
     if num_layers < 1:
         raise ValueError(f"{field}: the model has no decoder layers ({num_layers})")
-    values = _parse(spec, field)
-    if any(v < 1 for v in values):
-        raise ValueError(f"{field}: every value must be >= 1, got {values}")
+    values = check_spec(spec, field)
     return split_groups(values, num_layers, field)
 
 

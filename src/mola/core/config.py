@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from mola.core.allocation import LayerSpec, allocate
+from mola.core.allocation import LayerSpec, allocate, check_spec
 from mola.core.patterns import PATTERN_KEYS, ModuleSpec, check_patterns, match, per_layer
 from mola.experts.registry import STRUCTURES, check_structure
 from mola.routing import ROUTERS, build_router
@@ -16,6 +17,64 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 # Keys that adapter_config.json carries beside the config fields.
 META_KEYS = frozenset({"base_model_name_or_path", "base_model_class", "allocation", "mola_version"})
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite float within the bounds, or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    wanted = (
+        f"in {lo}, {hi}"
+        if low is not None and high is not None
+        else (f"> {low:g}" if low_open else f">= {low:g}")
+        if low is not None
+        else (f"< {high:g}" if high_open else f"<= {high:g}")
+    )
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad = bad or value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad:
+        raise ValueError(f"{name}: must be a finite number {wanted}, got {value}")
+    return float(value)
+
+
+def check_top_k(
+    experts: list[int],
+    top_k: list[int],
+    router: str,
+    names: tuple[str, str] = ("num_experts", "top_k"),
+) -> None:
+    """Each layer's top-k must not exceed its expert count (for routers that use top-k).
+
+    Only the cases decidable without the model: one top-k value for all layers, or as many
+    top-k values as expert values (group by group).
+    """
+    if not ROUTERS[router].uses_top_k:
+        return
+    if len(top_k) == 1:
+        pairs = [(e, top_k[0]) for e in experts]
+    elif len(top_k) == len(experts):
+        pairs = list(zip(experts, top_k, strict=True))
+    else:
+        return
+    for e, k in pairs:
+        if k > e:
+            raise ValueError(
+                f"{names[1]}: {k} is more than the {e} experts of a layer ({names[0]} {experts}); "
+                f"lower {names[1]} or raise {names[0]}"
+            )
 
 
 @dataclass
@@ -72,23 +131,30 @@ class MolaConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = [str(t) for t in self.target_modules]
+            self.target_modules = [str(t).strip() for t in self.target_modules]
             if not self.target_modules:
                 raise ValueError("target_modules: empty; name at least one module, e.g. q_proj")
-        elif not isinstance(self.target_modules, str):
+            if "" in self.target_modules:
+                raise ValueError(f"target_modules: empty name in {self.target_modules}")
+        elif not isinstance(self.target_modules, str) or not self.target_modules.strip():
             raise ValueError("target_modules: give a list of module names or one regex string")
         if isinstance(self.num_experts, tuple):
             self.num_experts = list(self.num_experts)
-        if self.router not in ROUTERS:
+        if not isinstance(self.router, str) or self.router not in ROUTERS:
             raise ValueError(
                 f"router: unknown router {self.router!r}; choose from {', '.join(ROUTERS)}"
             )
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha: must be > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        if self.aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ValueError("aux_loss_coef / router_z_loss_coef: must be >= 0")
+        experts = check_spec(self.num_experts, "num_experts")
+        ranks = check_spec(self.r, "r")
+        if check_structure(self.experts_structure).rank_experts:
+            experts = ranks  # every rank is an expert
+        if self.top_k is not None:
+            check_top_k(experts, check_spec(self.top_k, "top_k"), self.router)
+        check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_number("aux_loss_coef", self.aux_loss_coef, low=0.0)
+        check_number("router_z_loss_coef", self.router_z_loss_coef, low=0.0)
         check_structure(self.experts_structure)
         self.module_patterns = check_patterns(self.module_patterns)
         if not 0.0 <= self.a_dropout < 1.0:
@@ -161,9 +227,9 @@ class MolaConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-            fh.write("\n")
+        from mola.utils.io import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MolaConfig:

@@ -62,11 +62,12 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
         The resolved allocation: ``{"num_experts": [...], "top_k": [...], "r": [...]}``.
 
     Raises:
-        ValueError: nothing matches ``target_modules`` (the message lists what exists), or a
-            matched module is not a linear layer.
+        ValueError: a name in ``target_modules`` matches no linear layer, a regex matches
+            nothing (the message lists what exists), or a matched module is not a linear layer.
     """
     prefix, blocks = find_decoder_layers(model)
     allocation = config.resolve(len(blocks))
+    check_target_modules(model, config.target_modules)
     found = 0
     for idx, block in enumerate(blocks):
         experts, top_k, rank = (allocation[k][idx] for k in ("num_experts", "top_k", "r"))
@@ -88,14 +89,36 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
             setattr(block.get_submodule(parent_name) if parent_name else block, child, layer)
             found += 1
     if not found:
-        names = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if n and is_supported(m)}
-        )
         raise ValueError(
             f"target_modules: {config.target_modules!r} matches no module in the decoder layers; "
-            f"linear modules there: {', '.join(names)}"
+            f"linear modules there: {', '.join(_linear_names(blocks))}"
         )
     return allocation
+
+
+def _linear_names(blocks: nn.ModuleList) -> list[str]:
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if n and is_supported(m)}
+    )
+
+
+def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
+    """Every name in ``targets`` must name at least one module of the decoder blocks (that it
+    is a linear layer, :func:`inject` checks).
+
+    Raises:
+        ValueError: a name matches no module (the message lists the linear layers that exist).
+    """
+    if isinstance(targets, str):
+        return  # one regex: inject() requires it to match something
+    blocks = find_decoder_layers(model)[1]
+    present = {n.rsplit(".", 1)[-1] for block in blocks for n, _ in block.named_modules() if n}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ValueError(
+            f"target_modules: {missing} matches no module in the decoder layers; "
+            f"linear modules there: {', '.join(_linear_names(blocks))}"
+        )
 
 
 def module_keys(model: MolaModel) -> dict[str, str]:

@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from mola.core.config import LLAMA_TARGETS, MolaConfig
+from mola.core.allocation import check_spec
+from mola.core.config import LLAMA_TARGETS, MolaConfig, check_number, check_top_k
+from mola.data.datasets import TASKS
 from mola.data.prompts import TEMPLATES
 from mola.experts import STRUCTURES
 from mola.models.hub import DEFAULT_MODEL
@@ -78,6 +80,7 @@ class TrainOptions:
     # outputs
     output: str = _opt("runs/mola", "output directory")
     resume: bool = _opt(False, "resume from the last checkpoint in --output")
+    overwrite: bool = _opt(False, "replace a finished run already in --output")
     save_steps: int = _opt(50, "save a checkpoint every N steps (0: only at the end)")
     logging_steps: int = _opt(10, "log every N steps")
     # evaluation after training
@@ -88,13 +91,67 @@ class TrainOptions:
     progress: bool = _opt(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "cutoff_len", "logging_steps", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("--lr: must be > 0")
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError("--epochs: must be > 0 (or set --max-steps)")
+        """Check every option once, naming its flag and the accepted values."""
+        for name in ("model", "task", "output", "scheduler", "template", "router", "scoring"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{_flag(name)}: must be a non-empty string")
+        for name in ("template", "router", "scoring", "experts_structure"):
+            choices = _FIELDS[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(choices)}"
+                )
+        if self.data is None and self.task not in TASKS:
+            raise ValueError(f"--task: unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.scheduler not in _schedulers():
+            raise ValueError(
+                f"--scheduler: unknown schedule {self.scheduler!r}; choose from "
+                f"{', '.join(_schedulers())}"
+            )
+        for name in ("data", "eval_data", "init_from"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise ValueError(f"{_flag(name)}: empty file name")
+        for name in ("batch_size", "grad_accum", "logging_steps", "eval_batch_size"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("cutoff_len", self.cutoff_len, 2)
+        _check_int("save_steps", self.save_steps, 0, "(0: only at the end)")
+        _check_int("seed", self.seed, 0)
+        if self.seed >= 2**32:
+            raise ValueError(f"--seed: must be < 2**32, got {self.seed}")
+        for name in ("train_limit", "eval_limit"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        if self.max_steps != -1:
+            _check_int("max_steps", self.max_steps, 1, "(or -1 to train for --epochs)")
+        check_number("--lr", self.lr, low=0.0, low_open=True)
+        check_number("--epochs", self.epochs, low=0.0, low_open=True)
+        check_number("--warmup-ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_number("--weight-decay", self.weight_decay, low=0.0)
+        check_number("--alpha", self.alpha, low=0.0, low_open=True)
+        check_number("--dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_number("--top-p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_number("--aux-loss-coef", self.aux_loss_coef, low=0.0)
+        check_number("--router-z-loss-coef", self.router_z_loss_coef, low=0.0)
+        items = [t.strip() for t in str(self.target_modules).split(",")]
+        if "" in items:
+            raise ValueError(
+                f"--target-modules: empty name in {self.target_modules!r}; "
+                "give comma-separated names like q_proj,v_proj"
+            )
+        check_number("--a-dropout", self.a_dropout, low=0.0, high=1.0, high_open=True)
+        if self.fly_sparsity is not None:
+            check_number("--fly-sparsity", self.fly_sparsity, low=0.0, high=1.0, low_open=True)
+        check_number("--balance-bias-rate", self.balance_bias_rate, low=0.0)
+        parse_patterns(self.module_patterns)
+        experts = check_spec(self.experts, "--experts")
+        ranks = check_spec(self.r, "--r")
+        flags = _SPEC_FLAGS
+        if STRUCTURES[self.experts_structure].rank_experts:
+            experts, flags = ranks, ("--r", "--top-k")  # every rank is an expert
+        if str(self.top_k).lower() not in ("none", ""):
+            check_top_k(experts, check_spec(self.top_k, "--top-k"), self.router, flags)
+        elif self.router == "topk":
+            raise ValueError("--top-k: the 'topk' router needs a top-k (e.g. 2)")
 
     def mola_config(self) -> MolaConfig:
         """The adapter configuration these options describe."""
@@ -142,6 +199,27 @@ def parse_patterns(text: str | None) -> dict[str, Any]:
     return value
 
 
+_FIELDS = {f.name: f for f in fields(TrainOptions)}
+_SPEC_FLAGS = ("--experts", "--top-k")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name: str, value: object, low: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(
+            f"{_flag(name)}: must be an integer >= {low}{' ' + note if note else ''}, got {value!r}"
+        )
+
+
+def _schedulers() -> tuple[str, ...]:
+    from transformers import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
 def _type_of(f: dataclasses.Field) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     for name, cast in (("bool", bool), ("int", int), ("float", float)):
@@ -150,14 +228,22 @@ def _type_of(f: dataclasses.Field) -> Any:
     return str
 
 
-def add_option_flags(parser: argparse.ArgumentParser, cls: type = TrainOptions) -> None:
-    """One flag per field; defaults are left unset so a config file can fill them."""
+def add_option_flags(
+    parser: argparse.ArgumentParser,
+    cls: type = TrainOptions,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One flag per field; defaults are left unset so a config file can fill them.
+
+    ``defaults`` overrides the dataclass defaults shown in ``--help`` (``mola demo``'s recipe).
+    """
     parser.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _type_of(f)
         meta = f.metadata
-        help_ = f"{meta.get('help', '')} (default: {f.default})"
+        default = (defaults or {}).get(f.name, f.default)
+        help_ = f"{meta.get('help', '')} (default: {default})"
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_

@@ -68,7 +68,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         check_fits(
             {"num_experts": mola_config.num_experts}, len(_decoder_blocks(base)), opts.allocation
         )
-    mola_config.resolve(len(_decoder_blocks(base)))  # fail on a bad spec before any work
+    _check_fits(base, mola_config)  # fail on a bad spec or target before any work
     if main:
         os.makedirs(opts.output, exist_ok=True)
         write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))
@@ -99,7 +99,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     trainable, total = model.num_parameters_split()
     if main:
         print(
-            f"mola: {len(train_examples)} training examples; experts per layer "
+            f"mola: {_plural(len(train_examples), 'training example')}; experts per layer "
             f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
         )
     rows = [
@@ -139,6 +139,10 @@ def build_model(base: Any, config: MolaConfig, opts: TrainOptions) -> MolaModel:
     return model
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def summary(results: dict[str, Any]) -> str:
     """The end-of-run summary: metrics per evaluated model, timings, where outputs went."""
     evaluated = {k: results[k] for k in ("zero_shot", "fine_tuned") if k in results}
@@ -161,3 +165,20 @@ def _decoder_blocks(model: Any) -> Any:
     from mola.core.injection import find_decoder_layers
 
     return find_decoder_layers(model)[1]
+
+
+def _check_fits(model: Any, config: Any) -> None:
+    """The layer specs resolve and every target module exists in ``model``, named by flag."""
+    from mola.core.injection import check_target_modules, find_decoder_layers
+
+    blocks = find_decoder_layers(model)[1]
+    try:
+        config.resolve(len(blocks))
+    except ValueError as err:
+        raise ValueError(
+            f"--experts/--top-k/--r for this model's {len(blocks)} decoder layers: {err}"
+        ) from None
+    try:
+        check_target_modules(model, config.target_modules)
+    except ValueError as err:
+        raise ValueError(f"--target-modules: {str(err).removeprefix('target_modules: ')}") from None
