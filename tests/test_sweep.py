@@ -100,7 +100,8 @@ def test_grid_kill_rerun_failure_and_aggregation(tmp_path, tiny_llama_dir, data,
         assert os.stat(out / name / "metrics.json").st_mtime_ns == before[name]
     skipped = [line for line in text.splitlines() if "finished, skipped" in line]
     assert len(skipped) == len(before)
-    assert "[10/10]" in text and "ETA" in text
+    assert "[10/10]" in text and "runs left, ETA" in text
+    assert "ETA ~" in text.splitlines()[0]  # estimated from the runs finished before the kill
     grid_runs = [r for r in runs if "variant" not in r.labels]
     assert [r.name for r in finished(runs)] == [r.name for r in grid_runs]
     for run in grid_runs:  # finished runs keep their adapter, not their checkpoints

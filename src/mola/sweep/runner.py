@@ -113,7 +113,12 @@ def run_sweep(
     todo = sum(1 for s in states.values() if s.status != "done")
     durations: list[float] = []
     done_now = 0
-    echo(f"sweep {spec.path}: {len(runs)} runs, {len(runs) - todo} finished, {todo} to run")
+    head = f"sweep {spec.path}: {len(runs)} runs, {len(runs) - todo} finished, {todo} to run"
+    past = [_recorded_seconds(s.metrics) for s in states.values() if s.status == "done"]
+    past = [p for p in past if p]
+    if todo and past:  # until a run finishes here, estimate from the finished ones' timings
+        head += f", ETA ~{_duration(todo * sum(past) / len(past))} (from their timings)"
+    echo(head)
     for index, run in enumerate(runs, 1):
         head = f"[{index}/{len(runs)}] {run.describe()}"
         state = states[run.name]
@@ -219,6 +224,11 @@ def _result(metrics: dict[str, Any] | None) -> str:
     if "trainable_params" in metrics:
         parts.append(f"{metrics['trainable_params']:,d} trainable")
     return ", ".join(parts) or "no metrics"
+
+
+def _recorded_seconds(metrics: dict[str, Any] | None) -> float:
+    timings = (metrics or {}).get("timings") or {}
+    return float(sum(v for v in timings.values() if isinstance(v, int | float)))
 
 
 def _duration(seconds: float) -> str:
