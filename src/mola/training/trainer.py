@@ -14,16 +14,19 @@ Trainer's own.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
 import os
+import shutil
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from mola.core.checkpoint import load_adapter_weights
 from mola.core.model import MolaModel
@@ -42,6 +45,20 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, list[int]]:
         return self.rows[idx]
+
+
+PARTIAL_DIR = ".partial"  # checkpoints being written, under the output directory
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss or gradient norm became NaN or infinite (exit 2, one line)."""
+
+
+def _publish(partial: str, final: str) -> None:
+    """Rename a finished checkpoint directory into place (replacing an older one)."""
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(partial, final)
 
 
 class GlobalLengthGroupedSampler(Sampler[int]):
@@ -90,6 +107,9 @@ class MolaTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # MolaModel returns a mean; compute_loss rescales
         self._sums = {"lm_loss": 0.0, "aux_loss": 0.0}
         self._log_span = 0
+        self._staging: str | None = None
+        self._pending_checkpoint: str | None = None  # saved, not yet followed by a finite loss
+        self._good_checkpoint: str | None = None
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -160,6 +180,83 @@ class MolaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
         load_adapter_weights(resume_from_checkpoint, target.base_model)
+
+    # -- checkpoints: written whole or not at all ---------------------------------------------
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer's checkpoint, written into ``<output>/.partial/`` and then renamed.
+
+        Every process writes its part (rank 0: adapter, optimizer, scheduler, trainer state;
+        each rank: its RNG state); after a barrier rank 0 renames the finished directory to
+        ``checkpoint-N``. A kill at any moment leaves either a complete ``checkpoint-N`` or
+        none, so ``--resume`` never picks a half-written one. On machines without a shared
+        disk each machine's local rank 0 publishes its own copy.
+        """
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, PARTIAL_DIR)
+        if self.is_local_process_zero():
+            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+        distributed.barrier()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        distributed.barrier()
+        if self.is_world_process_zero():
+            _publish(os.path.join(staging, name), os.path.join(run_dir, name))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        distributed.barrier()
+        if self.is_local_process_zero():
+            if os.path.isdir(os.path.join(staging, name)):  # a node-local disk
+                _publish(os.path.join(staging, name), os.path.join(run_dir, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)  # only when empty
+        self._pending_checkpoint = os.path.join(run_dir, name)
+
+    # -- non-finite loss guard ----------------------------------------------------------------
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        """The Trainer's step, stopped on a NaN/inf loss on any process before the update."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = not bool(torch.isfinite(loss).all())
+        if distributed.any_process(bad, loss.device):
+            self._stop_non_finite("loss", float(loss) if bad else float("nan"))
+        elif self._pending_checkpoint:  # its weights gave a finite loss: a good checkpoint
+            self._good_checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
+        return loss
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        """Also stops on a NaN/inf gradient norm (the same on every process), before the update.
+
+        Not with ``--fp16``, whose loss scaler expects overflowing steps and skips them itself.
+        """
+        norm = super()._clip_grad_norm(model)
+        if not self.args.fp16 and norm is not None and not math.isfinite(float(norm)):
+            self._stop_non_finite("gradient norm", float(norm))
+        return norm
+
+    def _stop_non_finite(self, what: str, value: float) -> None:
+        step = self.state.global_step + 1
+        pending = self._pending_checkpoint
+        if pending and self.is_world_process_zero() and os.path.isdir(pending):
+            shutil.rmtree(pending)  # saved after the last update: its weights give this loss
+        distributed.barrier()
+        good = self._good_checkpoint
+        if not self.is_world_process_zero():
+            raise SystemExit(2)  # rank 0 reports
+        where = f"last good checkpoint: {good}" if good else "no good checkpoint was saved"
+        raise NonFiniteLossError(
+            f"non-finite {what} ({value}) at step {step}; training stopped before that update, "
+            f"{where} (lower --lr, or --resume from it)"
+        )
 
 
 def training_arguments(opts: TrainOptions, num_examples: int) -> TrainingArguments:
@@ -254,6 +351,9 @@ def train(
         resume = last_checkpoint(opts.output)
         if resume is None:
             raise ValueError(f"--resume: no checkpoint-N directory in {opts.output}")
+        trainer._good_checkpoint = resume
+    if trainer.is_world_process_zero():  # left by a run killed while writing a checkpoint
+        shutil.rmtree(os.path.join(opts.output, PARTIAL_DIR), ignore_errors=True)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(opts.output)
     return {
