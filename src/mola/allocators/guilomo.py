@@ -3,7 +3,9 @@
 Followed: Zhang, Chen et al., "GuiLoMo: Allocating Expert Number and Rank for LoRA-MoE via Bilevel
 Optimization with GuidedSelection Vectors", arXiv 2506.14646 (v2; EMNLP 2025 Findings), and the
 authors' code, github.com/Liar406/Gui-LoMo at commit f6305dc (``ArMoLA/``: the search;
-``save_rankandexp_num.py``: the read-off), read for the method, not copied.
+``save_rankandexp_num.py``: the read-off), read for the method, not copied. Only the paper's
+abstract (v1 and v2 agree) was readable from here, not its method section, so where the two could
+differ the details below follow the code.
 
 What is as in the paper / code:
 
