@@ -37,11 +37,15 @@ class AllocateOptions(TrainOptions):
     lr: float = _opt(2e-3, "learning rate of the probe's experts and routers")
 
     def __post_init__(self) -> None:
+        if self.max_experts < 1:
+            raise ValueError("--max-experts: must be >= 1")
+        top_k = _single_int(self.top_k, "--top-k")
+        if top_k > self.max_experts:
+            raise ValueError(f"--top-k {top_k} exceeds --max-experts {self.max_experts}")
+        self.experts = str(self.max_experts)  # the probe's shape (--experts is not used here)
         super().__post_init__()
         if self.budget is None:
             raise ValueError("--budget: required (total experts, or trainable params with --by)")
-        if self.max_experts < 1:
-            raise ValueError("--max-experts: must be >= 1")
         if not 0.0 < self.heldout < 1.0:
             raise ValueError("--heldout: must be in (0, 1)")
         if self.probe_examples < 2:
@@ -68,8 +72,6 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     set_seed(opts.seed)
     r_max = _single_int(opts.r, "--r")
     top_k = _single_int(opts.top_k, "--top-k")
-    if top_k > opts.max_experts:
-        raise ValueError(f"--top-k {top_k} exceeds --max-experts {opts.max_experts}")
     examples = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
     examples = examples[: opts.probe_examples]
     held = max(1, round(opts.heldout * len(examples)))
