@@ -114,8 +114,8 @@ def test_torchrun_two_processes_equal_one(tiny_llama_dir, data, reference, tmp_p
     proc = run([*launch, mola_script(), *train_args(tiny_llama_dir, data, out, 2)])
     starts = [line for line in proc.stdout.splitlines() if line.startswith("mola: training")]
     assert starts == [
-        "mola: training data-parallel on 2 processes (gloo, cpu); global batch 4 = 2 per device "
-        "x 2 processes x 1 accumulation step"
+        "mola: training data-parallel on 2 processes (gloo, cpu, fp32); global batch 4 = 2 per "
+        "device x 2 processes x 1 accumulation step"
     ], proc.stdout
     assert proc.stdout.count("adapter, metrics.json and logs in") == 1  # only rank 0 reports
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr

@@ -76,6 +76,10 @@ class TrainOptions:
     cutoff_len: int = _opt(256, "truncate sequences to this many tokens")
     train_on_inputs: bool = _opt(False, "also train on the prompt tokens")
     gradient_checkpointing: bool = _opt(False, "trade compute for memory")
+    bf16: bool | None = _opt(
+        None, "bf16 mixed precision, fp32 master weights (default: on with a bf16 CUDA GPU)"
+    )
+    fp16: bool = _opt(False, "fp16 mixed precision with loss scaling (CUDA GPUs only)")
     seed: int = _opt(42, "random seed")
     # outputs
     output: str = _opt("runs/mola", "output directory")

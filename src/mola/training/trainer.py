@@ -283,7 +283,7 @@ def training_arguments(opts: TrainOptions, num_examples: int) -> TrainingArgumen
         "save_total_limit": 2,
         "seed": opts.seed,
         "use_cpu": not cuda,  # gloo process group under torchrun on CPU (else not distributed)
-        "bf16": cuda and torch.cuda.is_bf16_supported(),
+        **mixed_precision(opts, cuda),
         "dataloader_pin_memory": cuda,
         "remove_unused_columns": False,
         "report_to": ["tensorboard"] if importlib.util.find_spec("tensorboard") else [],
@@ -305,14 +305,36 @@ def training_arguments(opts: TrainOptions, num_examples: int) -> TrainingArgumen
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
+def mixed_precision(opts: TrainOptions, cuda: bool) -> dict[str, bool]:
+    """``bf16``/``fp16`` for the Trainer: autocast compute, fp32 master weights and optimizer.
+
+    The adapter's parameters stay fp32 (the Trainer autocasts, it does not cast the model);
+    routers take their softmax and the router losses in fp32 whatever the autocast dtype.
+
+    Raises:
+        ValueError: both asked for, or ``--fp16`` without a CUDA GPU.
+    """
+    if opts.bf16 and opts.fp16:
+        raise ValueError("--bf16 and --fp16: choose one")
+    if opts.fp16 and not cuda:
+        raise ValueError("--fp16: needs a CUDA GPU (its loss scaler is CUDA-only); use --bf16")
+    bf16 = opts.bf16 if opts.bf16 is not None else cuda and not opts.fp16
+    if bf16 and cuda and not torch.cuda.is_bf16_supported():
+        if opts.bf16:
+            raise ValueError("--bf16: this GPU does not support bf16; use --fp16")
+        bf16 = False
+    return {"bf16": bool(bf16), "fp16": opts.fp16}
+
+
 def start_line(args: TrainingArguments) -> str:
-    """One line: processes, backend, device and the global batch it makes."""
+    """One line: processes, backend, device, precision and the global batch they make."""
     n = args.world_size
     per, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     where = (
-        f"data-parallel on {n} processes ({distributed.backend()}, {args.device.type})"
+        f"data-parallel on {n} processes ({distributed.backend()}, {args.device.type}, {precision})"
         if n > 1
-        else f"1 process ({args.device.type})"
+        else f"1 process ({args.device.type}, {precision})"
     )
     procs = f"{n} process{'es' if n > 1 else ''}"
     steps = f"{accum} accumulation step{'s' if accum > 1 else ''}"
