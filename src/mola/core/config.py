@@ -11,7 +11,8 @@ from typing import Any
 from mola.core.allocation import LayerSpec, allocate, check_spec
 from mola.core.patterns import PATTERN_KEYS, ModuleSpec, check_patterns, match, per_layer
 from mola.experts.registry import STRUCTURES, check_structure
-from mola.routing import ROUTERS, build_router
+from mola.routing import ROUTERS, build_router, router_class
+from mola.routing.scope import SCOPES
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -128,6 +129,11 @@ class MolaConfig:
         default=0.001,
         metadata={"help": "FlyLoRA/SMoRA: step of the loss-free balancing bias (0: off)"},
     )
+    # routers (issue 9): scope and the routers' own settings; each loss weight is <loss>_coef
+    router_scope: str = field(
+        default="module",
+        metadata={"help": "module: a router per adapted module; block: one per sub-block"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -163,6 +169,20 @@ class MolaConfig:
             raise ValueError(f"fly_sparsity: must be in (0, 1], got {self.fly_sparsity}")
         if self.balance_bias_rate < 0:
             raise ValueError(f"balance_bias_rate: must be >= 0, got {self.balance_bias_rate}")
+        if self.router_scope not in SCOPES:
+            raise ValueError(
+                f"router_scope: unknown scope {self.router_scope!r}; "
+                f"choose from {', '.join(SCOPES)}"
+            )
+
+    def router_options(self, router: str | None = None) -> dict[str, Any]:
+        """The settings of ``router`` (default: the configured one; its ``option_names``)."""
+        names = router_class(router or self.router).option_names
+        return {name: getattr(self, name) for name in names}
+
+    def loss_coef(self, loss: str) -> float:
+        """The weight of auxiliary loss ``loss`` (the field ``<loss>_coef``; 0 if none)."""
+        return float(getattr(self, f"{loss}_coef", 0.0))
 
     def resolve(self, num_layers: int) -> dict[str, list[Any]]:
         """Per-layer ``num_experts``, ``top_k`` and ``r`` for a model with ``num_layers`` layers.
@@ -181,7 +201,7 @@ class MolaConfig:
             top_k = list(allocate(self.top_k, num_layers, field="top_k"))
         for layer, (e, k) in enumerate(zip(experts, top_k, strict=True)):
             try:
-                build_router(self.router, e, k, self.top_p)
+                build_router(self.router, e, k, self.top_p, **self.router_options())
             except ValueError as err:
                 raise ValueError(f"decoder layer {layer}: {err}") from None
         return {"num_experts": experts, "top_k": top_k, "r": ranks}
@@ -210,7 +230,13 @@ class MolaConfig:
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
         try:
-            build_router(values["router"], values["num_experts"], values["top_k"], self.top_p)
+            build_router(
+                values["router"],
+                values["num_experts"],
+                values["top_k"],
+                self.top_p,
+                **self.router_options(values["router"]),
+            )
         except ValueError as err:
             raise ValueError(f"{name} ({where}): {err}") from None
         return ModuleSpec(**values)

@@ -9,8 +9,9 @@ from torch import nn
 
 from mola.core.collect import RouterLogitsStore
 from mola.core.config import MolaConfig
-from mola.core.layer import MolaLinear, is_supported
+from mola.core.layer import MolaLinear, features, is_supported
 from mola.routing import build_router
+from mola.routing.scope import SharedRouting
 
 if TYPE_CHECKING:
     from mola.core.model import MolaModel
@@ -68,10 +69,11 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
     prefix, blocks = find_decoder_layers(model)
     allocation = config.resolve(len(blocks))
     check_target_modules(model, config.target_modules)
+    options = config.router_options()
     found = 0
     for idx, block in enumerate(blocks):
         experts, top_k, rank = (allocation[k][idx] for k in ("num_experts", "top_k", "r"))
-        router = build_router(config.router, experts, top_k, config.top_p)
+        scopes: dict[str, SharedRouting] = {}
         for name, module in list(block.named_modules()):
             full = f"{prefix}.{idx}.{name}" if prefix else f"{idx}.{name}"
             if not name or not _targeted(full, config.target_modules):
@@ -81,12 +83,29 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
                     f"target_modules: {full} is a {type(module).__name__}, not a linear layer; "
                     f"mola adapts nn.Linear and Conv1D, so remove it from target_modules"
                 )
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            shared = None
+            if config.router_scope == "block":
+                shared = scopes.get(parent_name)
+                if shared is None:
+                    shared = scopes[parent_name] = _share_router(
+                        parent, full.rpartition(".")[0], module, config, experts, top_k, options
+                    )
             layer = MolaLinear(
-                module, experts, rank, config.lora_alpha, config.lora_dropout, top_k, router=router
+                module,
+                experts,
+                rank,
+                config.lora_alpha,
+                config.lora_dropout,
+                top_k,
+                router=config.router,
+                top_p=config.top_p,
+                router_options=options,
+                shared=shared,
             )
             layer.layer_idx, layer.module_name, layer.store = idx, full, store
-            parent_name, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent_name) if parent_name else block, child, layer)
+            setattr(parent, child, layer)
             found += 1
     if not found:
         raise ValueError(
@@ -119,6 +138,42 @@ def check_target_modules(model: nn.Module, targets: list[str] | str) -> None:
             f"target_modules: {missing} matches no module in the decoder layers; "
             f"linear modules there: {', '.join(_linear_names(blocks))}"
         )
+
+
+def _share_router(
+    parent: nn.Module,
+    name: str,
+    first: nn.Module,
+    config: MolaConfig,
+    experts: int,
+    top_k: int | None,
+    options: dict,
+) -> SharedRouting:
+    """Put one router on ``parent`` (as ``parent.router``), fed by ``parent``'s input."""
+    if hasattr(parent, "router"):
+        raise ValueError(
+            f"router_scope: {name} already has a 'router' attribute; use router_scope: module"
+        )
+    in_features = _input_features(parent)
+    weight = first.weight
+    router = build_router(
+        config.router,
+        experts,
+        top_k,
+        config.top_p,
+        in_features,
+        dtype=weight.dtype if weight.dtype.is_floating_point else None,
+        device=weight.device,
+        **options,
+    )
+    parent.router = router
+    return SharedRouting(parent, router, name)
+
+
+def _input_features(parent: nn.Module) -> int:
+    """The width of ``parent``'s input: that of its first linear module (q_proj, gate_proj)."""
+    first = next(m for m in parent.modules() if m is not parent and is_supported(m))
+    return features(first)[0]
 
 
 def module_keys(model: MolaModel) -> dict[str, str]:

@@ -14,6 +14,15 @@ forward is the *dense-gated* form: one matmul ``h = x A^T`` for all experts at o
 ``h`` scaled by each token's gate repeated over its expert's ``r`` columns (zero for experts the
 token does not use), then one matmul ``y += h B^T``. No Python loop over experts, no host sync;
 it equals the per-expert sum exactly. Dropout draws one mask on ``x`` that all experts share.
+
+The router is an ``nn.Module`` named ``router`` (:class:`~mola.routing.Router`, possibly with
+parameters and losses of its own), or one router shared by the whole sub-block
+(:mod:`mola.routing.scope`). The layer fuses the router's linear rows
+(:meth:`~mola.routing.Router.fused_weight`) with the experts' A side into one matmul, hands the
+router rows to :meth:`~mola.routing.Router.gate`, and adds the gated B side to the base output
+in one ``addmm``. An expert structure (:mod:`mola.experts`) takes the place of the A/B code here
+through the same two calls: ``project(x, router.fused_weight(), dropout)`` and
+``mix(result, h, routing.gates)``.
 """
 
 from __future__ import annotations
@@ -25,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.routing import Router, build_router
+from mola.routing import Router, Routing, build_router
 
 if TYPE_CHECKING:
     from mola.core.collect import RouterLogitsStore
+    from mola.routing.scope import SharedRouting
 
 
-def _features(base_layer: nn.Module) -> tuple[int, int]:
+def features(base_layer: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (weight ``(in, out)``)."""
     if isinstance(base_layer, nn.Linear):
         return base_layer.in_features, base_layer.out_features
@@ -46,7 +56,7 @@ def _features(base_layer: nn.Module) -> tuple[int, int]:
 def is_supported(module: nn.Module) -> bool:
     """Whether :class:`MolaLinear` can wrap ``module``."""
     try:
-        _features(module)
+        features(module)
     except ValueError:
         return False
     return True
@@ -93,14 +103,18 @@ class MolaLinear(nn.Module):
         lora_alpha: the LoRA scale is ``lora_alpha / r``.
         lora_dropout: dropout probability on the LoRA input (one mask shared by the experts).
         top_k: experts per token for the ``topk`` router (cap for ``topp``).
-        router: a router name from :data:`mola.routing.ROUTERS` or a :class:`Router`.
+        router: a router name from :data:`mola.routing.ROUTERS` or a :class:`Router`; a router
+            without parameters is used as a template (this layer gets its own copy with weights).
         top_p: cumulative probability for the ``topp`` router.
+        router_options: the router's own settings (see its ``option_names``).
+        shared: route with a sub-block's shared router instead of an own one (block scope).
 
     Attributes:
         lora_A: ``(E, r, d_in)``, kaiming-uniform(a=sqrt 5) per expert, like ``nn.Linear``.
         lora_B: ``(E, d_out, r)``, zeros, so a fresh layer returns exactly ``base_layer(x)``.
-        router: ``nn.Linear(d_in, E, bias=False)``; its logits go to ``routing``.
-        routing: the :class:`Router` turning logits into gates.
+        router: the layer's own :class:`Router` (``router.weight (E, d_in)``, its logits rows),
+            or ``None`` with a shared router.
+        routing: the router this layer routes with (its own or the shared one).
         scaling: ``lora_alpha / r``.
     """
 
@@ -114,64 +128,112 @@ class MolaLinear(nn.Module):
         top_k: int | None = 2,
         router: str | Router = "topk",
         top_p: float | None = None,
+        *,
+        router_options: dict[str, Any] | None = None,
+        shared: SharedRouting | None = None,
     ) -> None:
         super().__init__()
-        d_in, d_out = _features(base_layer)
+        d_in, d_out = features(base_layer)
         if r < 1:
             raise ValueError(f"r: must be >= 1, got {r}")
-        if not isinstance(router, Router):
-            router = build_router(router, num_experts, top_k, top_p)
-        self.routing = router
+        if num_experts < 1:
+            raise ValueError(f"num_experts: must be >= 1, got {num_experts}")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        kw = {"device": weight.device, "dtype": dtype}
         self.in_features, self.out_features = d_in, d_out
         self.num_experts, self.r = num_experts, r
         self.scaling = lora_alpha / r
+        kw = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, d_in, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, r, **kw))
-        self.router = nn.Linear(d_in, num_experts, bias=False, **kw)
+        self.shared = shared
+        own: Router | None = None
+        if shared is not None:
+            if shared.router.num_experts != num_experts:
+                raise ValueError(
+                    f"num_experts: {num_experts} differs from the shared router's "
+                    f"{shared.router.num_experts} experts in {shared.name}"
+                )
+        else:
+            if isinstance(router, Router):
+                if router.weight is None:  # a template: same rule, own weights
+                    top_k, top_p = router.top_k, router.top_p
+                    router_options = {**router.options, **(router_options or {})}
+                    router = router.name
+                elif router.in_features != d_in:
+                    raise ValueError(
+                        f"router: reads {router.in_features} features, the layer has {d_in}"
+                    )
+            own = router
+            if not isinstance(own, Router):  # initialised once here, again below (RNG order)
+                own = build_router(
+                    own,
+                    num_experts,
+                    top_k,
+                    top_p,
+                    d_in,
+                    dtype=dtype,
+                    device=weight.device,
+                    **(router_options or {}),
+                )
+        self.router = own
+        self.reset_parameters()  # the random stream of mola <= 0.1: router, A, router again
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.disabled = False
         self.layer_idx: int | None = None
         self.module_name = ""
         self.store: RouterLogitsStore | None = None
-        self.reset_parameters()
+
+    @property
+    def routing(self) -> Router:
+        """The router this layer routes with: its own, or the sub-block's shared one."""
+        return self.shared.router if self.shared is not None else self.router
 
     def reset_parameters(self) -> None:
-        """Router and every ``A_e`` as ``nn.Linear`` does (kaiming-uniform, a=sqrt 5); ``B = 0``."""
+        """``A_e`` and the router as ``nn.Linear`` does (kaiming-uniform, a=sqrt 5); ``B = 0``."""
         with torch.no_grad():
             for a in self.lora_A:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B.zero_()
-            nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+        if self.router is not None:
+            self.router.reset_parameters()
 
     def router_logits(self, x: Tensor) -> Tensor:
         """Router logits ``(N, E)`` for input ``x`` of shape ``(..., d_in)``."""
-        return self.router(x.reshape(-1, self.in_features).to(self.router.weight.dtype))
+        router = self.routing
+        return router(x.reshape(-1, router.in_features).to(router.weight.dtype))
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        logits, h = self._project(x.reshape(-1, self.in_features).to(self.lora_A.dtype))
-        if self.store is not None and self.store.enabled:
-            self.store.add(self.layer_idx, self.module_name, logits)
-        gates, _ = self.routing.route(logits)
-        return self._mix(result, h, gates)
-
-    def _project(self, flat: Tensor) -> tuple[Tensor, Tensor]:
-        """Router logits ``(N, E)`` of ``x`` and every expert's ``A_e dropout(x)``, ``(N, E*r)``."""
         a = self.lora_A.reshape(self.num_experts * self.r, self.in_features)
+        routing, h = self._project(x.reshape(-1, self.in_features).to(a.dtype), a)
+        if self.store is not None and self.store.enabled:
+            self.store.add(self.layer_idx, self.module_name, routing)
+        return self._mix(result, h, routing.gates)
+
+    def _project(self, flat: Tensor, a: Tensor) -> tuple[Routing, Tensor]:
+        """The routing of ``x`` and the experts' A side ``h = dropout(x) A^T``.
+
+        Without dropout and with an own router, one matmul gives the router's rows and ``h``.
+        """
         p = getattr(self.lora_dropout, "p", 0.0)
-        if self.training and p > 0:
+        dropping = self.training and p > 0
+        if dropping:
             keep = dropout_mask(flat, p)
-            return self.router(flat), DroppedLinear.apply(flat, a, keep, 1.0 / (1.0 - p))
-        # without dropout, one matmul gives the router logits and all experts' projections
-        both = F.linear(flat, torch.cat([self.router.weight, a]))
-        return both[:, : self.num_experts], both[:, self.num_experts :]
+            h = DroppedLinear.apply(flat, a, keep, 1.0 / (1.0 - p))
+        if self.shared is not None:
+            return self.shared.current(), h if dropping else F.linear(flat, a)
+        router = self.router
+        w_r = router.fused_weight()
+        if dropping:
+            return router.gate(F.linear(flat, w_r), flat), h
+        both = F.linear(flat, torch.cat([w_r, a]))
+        rows = w_r.shape[0]
+        return router.gate(both[:, :rows], flat), both[:, rows:]
 
     def _mix(self, result: Tensor, h: Tensor, gates: Tensor) -> Tensor:
         """``result + scaling * sum_e g_e B_e h_e``: gate each expert's r columns, one matmul."""
@@ -185,7 +247,9 @@ class MolaLinear(nn.Module):
         return result + F.linear(h, w_b).view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
+        scope = " (shared)" if self.shared is not None else ""
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
-            f"r={self.r}, scaling={self.scaling:g}, routing={self.routing}"
+            f"r={self.r}, scaling={self.scaling:g}, "
+            f"router={self.routing.name}{scope}"
         )

@@ -27,17 +27,18 @@ from mola.core.collect import RouterLogitsStore
 from mola.core.config import MolaConfig
 from mola.core.injection import inject
 from mola.core.layer import MolaLinear
-from mola.routing import build_router, load_balancing_loss, router_z_loss
+from mola.routing import Router, router_z_loss
 from mola.training.distributed import is_distributed
 
 
 class MolaModel(nn.Module):
     """A base model with MoLA layers injected; forwards like the base model.
 
-    With ``labels``, ``output.loss`` is the LM loss plus
-    ``aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss``; the output also carries
-    ``lm_loss``, the unweighted ``aux_loss`` (the load-balancing loss summed over decoder layers)
-    and ``router_z_loss``.
+    With ``labels``, ``output.loss`` is the LM loss plus each auxiliary router loss times its
+    config weight ``<name>_coef``: ``aux_loss_coef * aux_loss + router_z_loss_coef *
+    router_z_loss`` and the router's own losses (:attr:`loss_names`). The output also carries
+    ``lm_loss`` and every unweighted auxiliary loss, summed over decoder layers, under its name
+    (``aux_loss`` is the load-balancing loss).
 
     Build one with :func:`get_mola_model` or :meth:`from_pretrained`.
     """
@@ -53,10 +54,7 @@ class MolaModel(nn.Module):
             param.requires_grad_(is_adapter_name(name))
         self.logits_only_where_labelled = False
         self._head_takes_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._layer_routers = [
-            build_router(config.router, e, k, config.top_p)
-            for e, k in zip(self.allocation["num_experts"], self.allocation["top_k"], strict=True)
-        ]
+        self._layer_routers = self._routers_by_layer()
 
     # -- delegation -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -71,6 +69,22 @@ class MolaModel(nn.Module):
     def config(self) -> Any:
         """The base model's config."""
         return self.base_model.config
+
+    def _routers_by_layer(self) -> dict[int, Router]:
+        """The router of each decoder layer (its first adapted module's), computing its losses."""
+        routers: dict[int, Router] = {}
+        for _, layer in self.mola_layers():
+            routers.setdefault(-1 if layer.layer_idx is None else layer.layer_idx, layer.routing)
+        return routers
+
+    @property
+    def loss_names(self) -> list[str]:
+        """Names of the auxiliary losses this model reports (``aux_loss``, ``router_z_loss``,
+        then the router's own), each a key of the output and weighted by ``<name>_coef``."""
+        names = ["aux_loss", "router_z_loss"]
+        for router in self._layer_routers.values():
+            names += [n for n in router.loss_names if n not in names]
+        return names
 
     def mola_layers(self) -> Iterator[tuple[str, MolaLinear]]:
         """``(qualified name, layer)`` for every adapted layer, in model order."""
@@ -93,14 +107,15 @@ class MolaModel(nn.Module):
         finally:
             store.enabled = capturing
         if labels is not None:
-            aux, z_loss = self.router_losses(kwargs.get("attention_mask"))
+            losses = self.router_losses(kwargs.get("attention_mask"))
             if not capturing:
                 store.clear()
             cfg = self.mola_config
-            output = with_router_losses(
-                output, lm_loss=output.loss, aux_loss=aux, router_z_loss=z_loss
-            )
-            output["loss"] = output.loss + cfg.aux_loss_coef * aux + cfg.router_z_loss_coef * z_loss
+            total = output.loss
+            for name, value in losses.items():
+                total = total + cfg.loss_coef(name) * value
+            output = with_router_losses(output, lm_loss=output.loss, **losses)
+            output["loss"] = total
         return output
 
     def _can_skip_unlabelled(self, args: tuple, kwargs: dict[str, Any]) -> bool:
@@ -128,23 +143,30 @@ class MolaModel(nn.Module):
     #: global batch (see :func:`mola.routing.load_balancing_loss`); set False for per-process.
     global_router_losses: bool = True
 
-    def router_losses(self, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Unweighted (load-balancing, z) losses, summed over layers, from the collected logits.
+    def router_losses(self, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Unweighted auxiliary losses by name, each summed over layers, from the collected
+        routing: ``aux_loss`` (load balancing), ``router_z_loss`` and the router's own.
 
-        In training mode with several processes (``torch.distributed``), both are computed over
-        the global batch: one all-reduce per layer, so every process must run the same forward.
+        In training mode with several processes (``torch.distributed``), the load-balancing and
+        z losses are computed over the global batch: one all-reduce per layer, so every process
+        must run the same forward. (The routers' own losses are per process.)
         """
         zero = torch.zeros((), device=self._device())
-        balance, z_loss = zero, zero
+        losses = dict.fromkeys(self.loss_names, zero)
         sync = self.global_router_losses and self.training and is_distributed()
-        for idx, router in enumerate(self._layer_routers):
-            logits = self.router_store.layer_logits(idx)
-            if not logits:
+        for idx, router in self._layer_routers.items():
+            records = self.router_store.layer_records(idx)
+            if not records:
                 continue
-            balance = balance + load_balancing_loss(logits, router, attention_mask, sync)
+            found = router.layer_losses(records, attention_mask, global_batch=sync)
+            for name, value in found.items():
+                losses[name] = losses[name] + value
             if self.mola_config.router_z_loss_coef > 0:
-                z_loss = z_loss + router_z_loss(logits, attention_mask, sync)
-        return balance, z_loss
+                logits = [r.logits for r in records]
+                losses["router_z_loss"] = losses["router_z_loss"] + router_z_loss(
+                    logits, attention_mask, sync
+                )
+        return losses
 
     @contextmanager
     def capture_router_logits(self) -> Iterator[RouterLogitsStore]:
@@ -256,6 +278,8 @@ class MolaModel(nn.Module):
         load_adapter_weights(directory, model.base_model)
         model.mola_config = MolaConfig.from_dict(data)
         model.requires_grad_(False)
+        if not is_trainable:  # like PEFT: a loaded adapter is for inference (no LoRA dropout)
+            model.eval()
         if is_trainable:
             for name, param in model.named_parameters():
                 param.requires_grad_(is_adapter_name(name))

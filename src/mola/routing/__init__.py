@@ -1,6 +1,25 @@
-"""Routing: routers (which experts a token uses, with which gate) and the auxiliary losses."""
+"""Routing: routers (which experts a token uses, with which gate) and the auxiliary losses.
 
+One module per router family, registered in :data:`ROUTERS` by name:
+
+* :mod:`~mola.routing.simple`: ``topk`` (MoLA), ``switch``, ``topp``, ``soft``.
+
+:mod:`~mola.routing.base` defines the interface (:class:`Router`, :class:`Routing`) and the
+shared selection helpers, :mod:`~mola.routing.losses` the balance and z losses, and
+:mod:`~mola.routing.scope` the block-level scope (one router shared by a sub-block's modules).
+"""
+
+from mola.routing import simple  # noqa: F401  (registers the routers)
+from mola.routing.base import Router, Routing
 from mola.routing.losses import load_balancing_loss, router_z_loss
-from mola.routing.routers import ROUTERS, Router, build_router
+from mola.routing.registry import ROUTERS, build_router, router_class
 
-__all__ = ["ROUTERS", "Router", "build_router", "load_balancing_loss", "router_z_loss"]
+__all__ = [
+    "ROUTERS",
+    "Router",
+    "Routing",
+    "build_router",
+    "load_balancing_loss",
+    "router_class",
+    "router_z_loss",
+]

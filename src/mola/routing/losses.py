@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mola.routing.routers import Router
+from mola.routing.base import Router
 from mola.training.distributed import global_sums
 
 
@@ -16,6 +16,8 @@ def load_balancing_loss(
     router: Router,
     attention_mask: Tensor | None = None,
     global_batch: bool = False,
+    *,
+    masks: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """MoLA's load-balancing loss for one decoder layer.
 
@@ -41,13 +43,19 @@ def load_balancing_loss(
         attention_mask: optional ``(B, T)`` mask; rows where it is 0 (padding) are left out.
         global_batch: sum the statistics over the processes of the process group (a collective:
             every process must call it for the same layers); without a group it changes nothing.
+        masks: the selection masks the modules actually used (same shapes as ``logits``); by
+            default ``router.select(softmax(logits))``. Routers whose choice depends on more
+            than the logits (learned thresholds, sparsegen) pass theirs.
 
     Returns:
         A scalar fp32 tensor.
     """
     z, keep = _stack(logits, attention_mask)
     probs = torch.softmax(z.float(), dim=-1)
-    _, mask = router.select(probs)
+    if masks is None:
+        _, mask = router.select(probs)
+    else:
+        mask = torch.cat([m.reshape(-1, m.shape[-1]) for m in masks], dim=0).bool()
     if keep is not None:
         probs = probs * keep[:, None]
         mask = mask & keep[:, None].bool()

@@ -105,7 +105,8 @@ class MolaTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # MolaModel returns a mean; compute_loss rescales
-        self._sums = {"lm_loss": 0.0, "aux_loss": 0.0}
+        names = getattr(self.accelerator.unwrap_model(self.model), "loss_names", ["aux_loss"])
+        self._sums = dict.fromkeys(["lm_loss", *names], 0.0)  # each router loss logged apart
         self._log_span = 0
         self._staging: str | None = None
         self._pending_checkpoint: str | None = None  # saved, not yet followed by a finite loss
@@ -150,11 +151,12 @@ class MolaTrainer(Trainer):
             router_part = (loss - lm) / self.current_gradient_accumulation_steps
             loss = self.args.world_size * lm_part + router_part
             self._sums["lm_loss"] += float(lm_part.detach())
-            aux = outputs.get("aux_loss")
-            if aux is not None:
-                self._sums["aux_loss"] += (
-                    float(aux.detach()) / self.current_gradient_accumulation_steps
-                )
+            for name in self._sums:  # aux_loss and each router loss, logged apart
+                value = outputs.get(name) if name != "lm_loss" else None
+                if value is not None:
+                    self._sums[name] += (
+                        float(value.detach()) / self.current_gradient_accumulation_steps
+                    )
         return (loss, outputs) if return_outputs else loss
 
     def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
@@ -167,7 +169,9 @@ class MolaTrainer(Trainer):
             sums = torch.tensor(list(self._sums.values()), dtype=torch.float64)
             lm = distributed.all_reduce_sum(sums.to(self.args.device))[0]  # per-process shares
             logs["lm_loss"] = round(float(lm) / self._log_span, 6)
-            logs["aux_loss"] = round(self._sums["aux_loss"] / self._log_span, 6)  # global already
+            for name, total in self._sums.items():  # router losses: global (aux) or per process
+                if name != "lm_loss":
+                    logs[name] = round(total / self._log_span, 6)
             self._sums = dict.fromkeys(self._sums, 0.0)
             self._log_span = 0
         super().log(logs, *args, **kwargs)

@@ -1,0 +1,190 @@
+"""The router interface: a module that turns a token's input into dense expert gates.
+
+A router is an ``nn.Module``. Its trainable tensors are named under the adapted layer's
+``router`` attribute (``...q_proj.router.weight``, ``...router.lambda_proj.weight``), so
+checkpoints pick them up. It works in three steps, split so that the layer can fuse the router's
+linear part with the experts' ``A`` projection into one matmul:
+
+1. :meth:`Router.fused_weight` gives the rows ``W_r (P, d_in)`` applied linearly to ``x``: the
+   ``E`` logit rows, then any extra linear heads of the router (``P = E + extra_rows``);
+2. the layer computes ``z = x W_r^T`` (together with ``x A^T``);
+3. :meth:`Router.gate` turns ``z`` (and ``x``, for routers with non-linear heads) into a
+   :class:`Routing`: dense fp32 gates ``(N, E)``, zero for the experts a token does not use, the
+   selection mask and the logits, plus router-specific tensors for its losses and the analysis.
+
+``router(x)`` alone returns the ``E`` logits, like the ``nn.Linear`` it replaces. A router built
+without ``in_features`` has no parameters; it still routes logits (:meth:`Router.route`) and
+computes losses, which is what the losses, the analysis and the shared (block-level) scope use.
+
+Per decoder layer, :meth:`Router.layer_losses` returns the router's auxiliary losses by name
+(``aux_loss`` = MoLA's load-balancing loss for every router, others per family). The model sums
+each over the layers and weights it by the config key ``<name>_coef``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """One module's routing decision for ``N`` tokens.
+
+    Attributes:
+        logits: ``(N, E)`` router scores (what the z-loss and the analysis' entropy read).
+        gates: ``(N, E)`` fp32 dense gates, zero where unused.
+        mask: ``(N, E)`` bool, the experts each token uses.
+        extras: router-specific tensors (a token's sparsegen lambda, a learned threshold, ...).
+    """
+
+    logits: Tensor
+    gates: Tensor
+    mask: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def active(self) -> Tensor:
+        """``(N,)`` the number of experts each token uses."""
+        return self.mask.sum(dim=-1)
+
+
+def renormalise(gates: Tensor) -> Tensor:
+    """Rows scaled to sum 1 (rows of zeros stay zero)."""
+    return gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+
+
+def keep(probs: Tensor, mask: Tensor, renorm: bool) -> Tensor:
+    """``probs`` where ``mask``, zero elsewhere, optionally renormalised per row."""
+    gates = probs * mask
+    return renormalise(gates) if renorm else gates
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of each row's ``k`` largest scores."""
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+class Router(nn.Module):
+    """Base class. Subclasses set ``name``, ``description``, ``paper`` and implement ``select``
+    (parameter-free rules on ``p = softmax(logits)``) or override :meth:`gate`.
+
+    Args:
+        num_experts: ``E``.
+        top_k: experts per token (routers with ``uses_top_k``).
+        top_p: cumulative probability (``topp``).
+        in_features: ``d_in``; without it the router has no parameters.
+        dtype, device: of the parameters.
+        options: router-specific settings (the names in ``option_names``).
+    """
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    uses_top_k: ClassVar[bool] = False
+    requires_top_k: ClassVar[bool] = False
+    option_names: ClassVar[tuple[str, ...]] = ()
+    loss_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
+    dynamic: ClassVar[bool] = False  # a per-token number of experts
+    extra_rows: ClassVar[int] = 0  # linear heads fused after the E logit rows
+    bias = None  # like nn.Linear(d_in, E, bias=False)
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        in_features: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.top_p = top_p
+        self.in_features = in_features
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            raise ValueError(f"router: {self.name!r} takes no option(s) {unknown}")
+        self.options = dict(options)
+        if in_features is None:
+            self.register_parameter("weight", None)
+        else:
+            kw = {"dtype": dtype, "device": device}
+            self.weight = nn.Parameter(torch.empty(num_experts, in_features, **kw))
+            self.build(in_features, **kw)
+            self.reset_parameters()
+
+    # -- parameters ----------------------------------------------------------------------------
+    def build(self, in_features: int, **kw: Any) -> None:
+        """Create parameters beyond ``weight`` (subclasses; names appear under ``router.``)."""
+
+    def reset_parameters(self) -> None:
+        """``weight`` as ``nn.Linear`` does (kaiming-uniform, a = sqrt 5)."""
+        if self.weight is not None:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def fused_weight(self) -> Tensor:
+        """The rows applied linearly to ``x`` (``(E + extra_rows, d_in)``), fused with ``A``."""
+        return self.weight
+
+    # -- routing -------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Router logits ``(..., E)`` of ``x``: ``x W^T``."""
+        return F.linear(x, self.weight)
+
+    def gate(self, z: Tensor, x: Tensor) -> Routing:
+        """The routing of tokens ``x (N, d_in)`` given ``z = x fused_weight()^T`` ``(N, P)``."""
+        logits = z[:, : self.num_experts]
+        gates, mask = self.route(logits)
+        return Routing(logits, gates, mask)
+
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Gates (fp32, ``(N, E)``, zero where unused) and the selection mask, from logits."""
+        return self.select(torch.softmax(logits.float(), dim=-1))
+
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(gates, mask)`` from fp32 probabilities ``(N, E)`` (parameter-free routers)."""
+        raise NotImplementedError(f"router {self.name!r} routes with gate(), not select()")
+
+    # -- losses --------------------------------------------------------------------------------
+    def layer_losses(
+        self,
+        records: Sequence[Routing],
+        attention_mask: Tensor | None = None,
+        context: Mapping[str, Tensor] | None = None,
+        global_batch: bool = False,
+    ) -> dict[str, Tensor]:
+        """This router's unweighted auxiliary losses for one decoder layer, by name.
+
+        Args:
+            records: the routing of each of the layer's adapted modules in this forward.
+            attention_mask: ``(B, T)``; padding rows are left out.
+            context: batch-level tensors (``group``: each example's type, for LoRAMoE).
+            global_batch: take the statistics over all processes (data parallelism); the
+                routers that support it say so, the others compute per process.
+        """
+        from mola.routing.losses import load_balancing_loss
+
+        logits = [r.logits for r in records]
+        masks = [r.mask for r in records]
+        return {
+            "aux_loss": load_balancing_loss(logits, self, attention_mask, global_batch, masks=masks)
+        }
+
+    def extra_repr(self) -> str:
+        text = f"{self.name}, num_experts={self.num_experts}"
+        if self.uses_top_k:
+            text += f", top_k={self.top_k}"
+        if self.in_features is not None:
+            text += f", in_features={self.in_features}"
+        return text
