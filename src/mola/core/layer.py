@@ -191,6 +191,21 @@ class MolaLinear(nn.Module):
         """The router this layer routes with: its own, or the sub-block's shared one."""
         return self.shared.router if self.shared is not None else self.router
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "routing":  # nn.Module would register it as a submodule
+            self.set_routing(value)
+        else:
+            super().__setattr__(name, value)
+
+    def set_routing(self, router: Router) -> None:
+        """Route with ``router`` from now on (also ``layer.routing = router``); a router
+        without weights gets this layer's router weights."""
+        if self.shared is not None:
+            raise ValueError("routing: this layer uses its sub-block's shared router")
+        if router.weight is None and self.router is not None:
+            router.weight, router.in_features = self.router.weight, self.router.in_features
+        self.router = router
+
     def reset_parameters(self) -> None:
         """``A_e`` and the router as ``nn.Linear`` does (kaiming-uniform, a=sqrt 5); ``B = 0``."""
         with torch.no_grad():
