@@ -134,6 +134,25 @@ class MolaConfig:
         default="module",
         metadata={"help": "module: a router per adapted module; block: one per sub-block"},
     )
+    sparsity_loss_coef: float = field(
+        default=0.0, metadata={"help": "ldmole: weight of the analytical sparsity loss"}
+    )
+    ldmole_hidden: int = field(default=64, metadata={"help": "ldmole: width of the lambda MLP"})
+    ldmole_share: bool = field(
+        default=True, metadata={"help": "ldmole: one lambda MLP shared by all modules"}
+    )
+    entropy_threshold: float = field(
+        default=0.9, metadata={"help": "dynmole: Tsallis entropy above which all experts run"}
+    )
+    entropy_index: float = field(default=1.1, metadata={"help": "dynmole: Tsallis index q"})
+    entropy_eps: float = field(default=1e-5, metadata={"help": "dynmole: entropy epsilon"})
+    entropy_loss_coef: float = field(
+        default=0.0, metadata={"help": "dynmole: weight of the Tsallis entropy loss"}
+    )
+    max_threshold: float | None = field(
+        default=None, metadata={"help": "adamole: threshold cap (default 1 / num_experts)"}
+    )
+    l1_loss_coef: float = field(default=0.0, metadata={"help": "relu: weight of the L1 loss"})
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -169,6 +188,9 @@ class MolaConfig:
             raise ValueError(f"fly_sparsity: must be in (0, 1], got {self.fly_sparsity}")
         if self.balance_bias_rate < 0:
             raise ValueError(f"balance_bias_rate: must be >= 0, got {self.balance_bias_rate}")
+        for name in ("sparsity_loss_coef", "entropy_loss_coef", "l1_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.router_scope not in SCOPES:
             raise ValueError(
                 f"router_scope: unknown scope {self.router_scope!r}; "
@@ -178,7 +200,7 @@ class MolaConfig:
     def router_options(self, router: str | None = None) -> dict[str, Any]:
         """The settings of ``router`` (default: the configured one; its ``option_names``)."""
         names = router_class(router or self.router).option_names
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
     def loss_coef(self, loss: str) -> float:
         """The weight of auxiliary loss ``loss`` (the field ``<loss>_coef``; 0 if none)."""

@@ -69,7 +69,7 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
     prefix, blocks = find_decoder_layers(model)
     allocation = config.resolve(len(blocks))
     check_target_modules(model, config.target_modules)
-    options = config.router_options()
+    options = {**config.router_options(), "share": {}}  # "share": parts shared by routers
     found = 0
     for idx, block in enumerate(blocks):
         experts, top_k, rank = (allocation[k][idx] for k in ("num_experts", "top_k", "r"))

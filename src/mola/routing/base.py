@@ -6,7 +6,7 @@ checkpoints pick them up. It works in three steps, split so that the layer can f
 linear part with the experts' ``A`` projection into one matmul:
 
 1. :meth:`Router.fused_weight` gives the rows ``W_r (P, d_in)`` applied linearly to ``x``: the
-   ``E`` logit rows, then any extra linear heads of the router (``P = E + extra_rows``);
+   ``E`` logit rows, then any extra linear heads of the router (``P >= E`` rows);
 2. the layer computes ``z = x W_r^T`` (together with ``x A^T``);
 3. :meth:`Router.gate` turns ``z`` (and ``x``, for routers with non-linear heads) into a
    :class:`Routing`: dense fp32 gates ``(N, E)``, zero for the experts a token does not use, the
@@ -93,7 +93,6 @@ class Router(nn.Module):
     option_names: ClassVar[tuple[str, ...]] = ()
     loss_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
     dynamic: ClassVar[bool] = False  # a per-token number of experts
-    extra_rows: ClassVar[int] = 0  # linear heads fused after the E logit rows
     bias = None  # like nn.Linear(d_in, E, bias=False)
 
     def __init__(
@@ -134,7 +133,7 @@ class Router(nn.Module):
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def fused_weight(self) -> Tensor:
-        """The rows applied linearly to ``x`` (``(E + extra_rows, d_in)``), fused with ``A``."""
+        """The rows applied linearly to ``x`` (``(P, d_in)``, the E logits first), fused with A."""
         return self.weight
 
     # -- routing -------------------------------------------------------------------------------

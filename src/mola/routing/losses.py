@@ -106,3 +106,43 @@ def _stack(logits: Sequence[Tensor], attention_mask: Tensor | None) -> tuple[Ten
             f"{[r.shape[0] for r in rows]} rows; pass a mask matching the input"
         )
     return z, flat.repeat(len(rows))
+
+
+def masked_mean(values: Tensor, attention_mask: Tensor | None, repeats: int = 1) -> Tensor:
+    """Mean of per-row ``values`` (rows = ``repeats`` modules x tokens), padding left out."""
+    if attention_mask is None:
+        return values.float().mean()
+    keep = attention_mask.reshape(-1).to(device=values.device, dtype=torch.float32)
+    keep = keep.repeat(repeats)
+    return (values.float() * keep).sum() / keep.sum().clamp_min(1)
+
+
+def share_balance_loss(
+    assign: Sequence[Tensor],
+    probs: Sequence[Tensor],
+    attention_mask: Tensor | None = None,
+    *,
+    normalise: bool,
+    count: bool = True,
+) -> Tensor:
+    """``E * sum_i f_i P_i`` from explicit per-row assignments and probabilities.
+
+    The balance loss of routers whose gates are not a rule on ``softmax(z)``. Rows of all the
+    layer's modules are stacked; ``P_i`` is the mean of ``probs[:, i]`` over rows and ``f_i`` the
+    mean of ``assign[:, i]`` (``count``: of ``assign != 0``), divided by its sum over experts
+    when ``normalise`` (then ``sum_i f_i = 1``). Padding rows are left out.
+    """
+    a = torch.cat([t.reshape(-1, t.shape[-1]) for t in assign]).float()
+    p = torch.cat([t.reshape(-1, t.shape[-1]) for t in probs]).float()
+    if count:
+        a = (a != 0).float()
+    if attention_mask is not None:
+        keep = attention_mask.reshape(-1).to(device=a.device, dtype=torch.float32)
+        keep = keep.repeat(len(assign))[:, None]
+        a, p = a * keep, p * keep
+        rows = keep.sum().clamp_min(1)
+    else:
+        rows = torch.tensor(float(a.shape[0]), device=a.device)
+    f = a.sum(dim=0)
+    f = f / f.sum().clamp_min(1e-9) if normalise else f / rows
+    return a.shape[-1] * (f * (p.sum(dim=0) / rows)).sum()
