@@ -286,18 +286,14 @@ class MolaModel(nn.Module):
         return model
 
 
-#: Extra output fields of a training forward (with ``labels``); add new loss terms here.
-ROUTER_LOSS_FIELDS = ("lm_loss", "aux_loss", "router_z_loss")
-
-
 @functools.cache
-def _output_class(base: type) -> type:
-    """``base`` (a ``ModelOutput`` dataclass) plus the :data:`ROUTER_LOSS_FIELDS`.
+def _output_class(base: type, names: tuple[str, ...] = ()) -> type:
+    """``base`` (a ``ModelOutput`` dataclass) plus the fields ``names`` (the router losses).
 
     A real dataclass, not keys set on the base output: DDP rebuilds the output from its pytree
     as ``type(output)(**fields)``, which fails on keys the class does not declare.
     """
-    extra = [(name, Any, None) for name in ROUTER_LOSS_FIELDS]
+    extra = [(name, Any, None) for name in names]
     cls = dataclasses.make_dataclass(f"Mola{base.__name__}", extra, bases=(base,))
     cls.__module__ = __name__
     return cls
@@ -309,7 +305,7 @@ def with_router_losses(output: Any, **losses: Tensor) -> Any:
         for key, value in losses.items():
             output[key] = value
         return output
-    return _output_class(type(output))(**dict(output.items()), **losses)
+    return _output_class(type(output), tuple(losses))(**dict(output.items()), **losses)
 
 
 def get_mola_model(model: nn.Module, config: MolaConfig | None = None) -> MolaModel:
