@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compose": ("mola.commands.compose", "build a mola adapter whose experts are PEFT LoRAs"),
     "allocate": ("mola.commands.allocate", "choose experts and ranks per layer under a budget"),
     "merge": ("mola.commands.merge", "fold plain-LoRA modules into the base model's weights"),
+    "methods": ("mola.commands.methods", "list the method presets (mola train --method NAME)"),
 }
 
 USER_ERRORS = (ValueError, OSError)

@@ -153,6 +153,11 @@ class MolaConfig:
         default=None, metadata={"help": "adamole: threshold cap (default 1 / num_experts)"}
     )
     l1_loss_coef: float = field(default=0.0, metadata={"help": "relu: weight of the L1 loss"})
+    lbc_groups: int = field(default=2, metadata={"help": "loramoe: expert groups (data types)"})
+    lbc_delta: float = field(default=0.1, metadata={"help": "loramoe: localized balancing delta"})
+    lbc_loss_coef: float = field(
+        default=0.0, metadata={"help": "loramoe: weight of the localized balancing loss"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -188,9 +193,11 @@ class MolaConfig:
             raise ValueError(f"fly_sparsity: must be in (0, 1], got {self.fly_sparsity}")
         if self.balance_bias_rate < 0:
             raise ValueError(f"balance_bias_rate: must be >= 0, got {self.balance_bias_rate}")
-        for name in ("sparsity_loss_coef", "entropy_loss_coef", "l1_loss_coef"):
+        for name in ("sparsity_loss_coef", "entropy_loss_coef", "l1_loss_coef", "lbc_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lbc_groups < 1 or not 0.0 <= self.lbc_delta < 1.0:
+            raise ValueError("lbc_groups / lbc_delta: need lbc_groups >= 1 and 0 <= lbc_delta < 1")
         if self.router_scope not in SCOPES:
             raise ValueError(
                 f"router_scope: unknown scope {self.router_scope!r}; "

@@ -93,7 +93,13 @@ class MolaModel(nn.Module):
                 yield name, module
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, *args: Any, labels: Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self, *args: Any, labels: Tensor | None = None, group: Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        """The base model's forward; with ``labels`` also the router losses (see the class).
+
+        ``group``: ``(B,)`` each example's type (``-1``: none), read by LoRAMoE's constraint.
+        """
         store = self.router_store
         capturing = store.enabled
         if labels is not None and not capturing:
@@ -107,7 +113,8 @@ class MolaModel(nn.Module):
         finally:
             store.enabled = capturing
         if labels is not None:
-            losses = self.router_losses(kwargs.get("attention_mask"))
+            context = {"group": group} if group is not None else None
+            losses = self.router_losses(kwargs.get("attention_mask"), context)
             if not capturing:
                 store.clear()
             cfg = self.mola_config
@@ -143,7 +150,9 @@ class MolaModel(nn.Module):
     #: global batch (see :func:`mola.routing.load_balancing_loss`); set False for per-process.
     global_router_losses: bool = True
 
-    def router_losses(self, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+    def router_losses(
+        self, attention_mask: Tensor | None = None, context: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Unweighted auxiliary losses by name, each summed over layers, from the collected
         routing: ``aux_loss`` (load balancing), ``router_z_loss`` and the router's own.
 
@@ -158,7 +167,7 @@ class MolaModel(nn.Module):
             records = self.router_store.layer_records(idx)
             if not records:
                 continue
-            found = router.layer_losses(records, attention_mask, global_batch=sync)
+            found = router.layer_losses(records, attention_mask, context, global_batch=sync)
             for name, value in found.items():
                 losses[name] = losses[name] + value
             if self.mola_config.router_z_loss_coef > 0:

@@ -61,12 +61,14 @@ class Example:
         input: Optional context for the instruction ("" when absent).
         output: The reference response; for multiple-choice examples, the gold choice text.
         choices: The candidate answers of a multiple-choice example, else ``None``.
+        group: The example's type (an int >= 0; LoRAMoE's localized balancing), else ``None``.
     """
 
     instruction: str
     input: str = ""
     output: str = ""
     choices: list[str] | None = None
+    group: int | None = None
 
     @property
     def label(self) -> int | None:
@@ -271,8 +273,27 @@ def _resolve_answer(answer: str, choices: list[str], where: str) -> str:
     raise DataError(f"{where}: answer {answer!r} is not one of the choices {choices}")
 
 
+def _group(value: Any, where: str) -> int | None:
+    """The optional ``group`` field: an int >= 0 (or empty)."""
+    if value is None or value == "":
+        return None
+    try:
+        group = int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: field 'group' must be an integer >= 0, got {value!r}") from None
+    if group < 0 or (isinstance(value, float) and value != group):
+        raise DataError(f"{where}: field 'group' must be an integer >= 0, got {value!r}")
+    return group
+
+
 def _row_to_example(row: dict[str, Any], where: str) -> Example:
     """Validate one record in instruction or multiple-choice form."""
+    example = _row_to_example_fields(row, where)
+    example.group = _group(row.get("group"), where)
+    return example
+
+
+def _row_to_example_fields(row: dict[str, Any], where: str) -> Example:
     if "question" in row or "choices" in row:
         for field in ("question", "choices", "answer"):
             if field not in row:

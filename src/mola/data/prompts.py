@@ -227,11 +227,14 @@ def encode_for_training(
     response = response[:keep_response]
     input_ids = prompt + response
     prompt_labels = list(prompt) if train_on_inputs else [IGNORE_INDEX] * len(prompt)
-    return {
+    encoded = {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
         "labels": prompt_labels + response,
     }
+    if example.group is not None:
+        encoded["group"] = example.group
+    return encoded
 
 
 def encode_choices(
@@ -266,7 +269,8 @@ class DataCollator:
     """Right-pad ``input_ids``/``attention_mask``/``labels`` features into tensors.
 
     Usable as ``data_collator`` of the Hugging Face ``Trainer``: pads to the longest sequence in
-    the batch with ``pad_token_id``, ``0`` and ``-100`` respectively. Other keys are ignored.
+    the batch with ``pad_token_id``, ``0`` and ``-100`` respectively; examples' ``group`` (when
+    any has one) becomes a ``(B,)`` tensor, ``-1`` where missing. Other keys are ignored.
 
     Args:
         pad_token_id: Id used to pad ``input_ids``.
@@ -290,4 +294,6 @@ class DataCollator:
                 values = list(feature.get(key, [1] * len(feature["input_ids"])))
                 rows.append(values + [pad] * (width - len(values)))
             batch[key] = torch.tensor(rows, dtype=torch.long)
+        if any("group" in f for f in features):  # example types (LoRAMoE); -1 = none
+            batch["group"] = torch.tensor([f.get("group", -1) for f in features])
         return batch

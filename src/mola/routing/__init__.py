@@ -6,7 +6,8 @@ One module per router family, registered in :data:`ROUTERS` by name:
 * :mod:`~mola.routing.sparsegen`: ``ldmole`` (LD-MoLE);
 * :mod:`~mola.routing.dynmole`: ``dynmole`` (DynMoLE);
 * :mod:`~mola.routing.adamole`: ``adamole`` (AdaMoLE);
-* :mod:`~mola.routing.relu`: ``relu`` (ReMoE).
+* :mod:`~mola.routing.relu`: ``relu`` (ReMoE);
+* :mod:`~mola.routing.loramoe`: ``loramoe`` (LoRAMoE's localized balancing).
 
 :mod:`~mola.routing.base` defines the interface (:class:`Router`, :class:`Routing`) and the
 shared selection helpers, :mod:`~mola.routing.losses` the balance and z losses, and
@@ -16,7 +17,7 @@ shared selection helpers, :mod:`~mola.routing.losses` the balance and z losses, 
 # the registration order is the order routers are listed in
 # isort: off
 from mola.routing import simple  # noqa: F401
-from mola.routing import sparsegen, dynmole, adamole, relu  # noqa: F401
+from mola.routing import sparsegen, dynmole, adamole, relu, loramoe  # noqa: F401
 
 # isort: on
 from mola.routing.base import Router, Routing

@@ -20,8 +20,10 @@ from mola.core.config import LLAMA_TARGETS, MolaConfig, check_number, check_top_
 from mola.data.datasets import TASKS
 from mola.data.prompts import TEMPLATES
 from mola.experts import STRUCTURES
+from mola.methods import METHODS
 from mola.models.hub import DEFAULT_MODEL
 from mola.routing import ROUTERS
+from mola.routing.scope import SCOPES
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -64,6 +66,23 @@ class TrainOptions:
     allocation: str | None = _opt(
         None, "YAML from mola allocate: per-layer num_experts and r (replace --experts/--r)"
     )
+    # method presets and routers (mola methods; routing package)
+    method: str | None = _opt(
+        None, "a method preset (mola methods); flags and YAML override it", choices=tuple(METHODS)
+    )
+    router_scope: str = _opt(
+        "module", "module: a router per module; block: one per sub-block", choices=SCOPES
+    )
+    sparsity_loss_coef: float = _opt(0.0, "ldmole: weight of the analytical sparsity loss")
+    ldmole_hidden: int = _opt(64, "ldmole: width of the shared lambda MLP")
+    entropy_threshold: float = _opt(0.9, "dynmole: normalised Tsallis entropy for all experts")
+    entropy_index: float = _opt(1.1, "dynmole: Tsallis entropy index q")
+    entropy_loss_coef: float = _opt(0.0, "dynmole: weight of the Tsallis entropy loss")
+    max_threshold: float | None = _opt(None, "adamole: threshold cap (default 1 / experts)")
+    l1_loss_coef: float = _opt(0.0, "relu: weight of the (load-balanced) L1 loss")
+    lbc_groups: int = _opt(2, "loramoe: expert groups, one per data 'group' value")
+    lbc_delta: float = _opt(0.1, "loramoe: localized balancing delta")
+    lbc_loss_coef: float = _opt(0.0, "loramoe: weight of the localized balancing loss")
     # optimisation
     lr: float = _opt(5e-4, "peak learning rate")
     epochs: float = _opt(1.0, "training epochs (ignored when --max-steps > 0)")
@@ -184,6 +203,17 @@ class TrainOptions:
             a_dropout=self.a_dropout,
             fly_sparsity=self.fly_sparsity,
             balance_bias_rate=self.balance_bias_rate,
+            router_scope=self.router_scope,
+            sparsity_loss_coef=self.sparsity_loss_coef,
+            ldmole_hidden=self.ldmole_hidden,
+            entropy_threshold=self.entropy_threshold,
+            entropy_index=self.entropy_index,
+            entropy_loss_coef=self.entropy_loss_coef,
+            max_threshold=self.max_threshold,
+            l1_loss_coef=self.l1_loss_coef,
+            lbc_groups=self.lbc_groups,
+            lbc_delta=self.lbc_delta,
+            lbc_loss_coef=self.lbc_loss_coef,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,6 +302,10 @@ def options_from_args(args: argparse.Namespace, cls: type = TrainOptions, **over
         flag_value = getattr(args, f.name, None)
         if flag_value is not None:
             values[f.name] = flag_value
+    if "method" in {f.name for f in fields(cls)}:
+        from mola.methods import apply_method
+
+        values = apply_method(values)  # the preset under everything the user gave
     return cls(**values)
 
 

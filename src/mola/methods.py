@@ -1,0 +1,138 @@
+"""Named method presets: ``mola train --method NAME`` (or ``method: NAME`` in YAML).
+
+A preset is a set of training options (:class:`~mola.training.options.TrainOptions` fields)
+that reproduces a paper's configuration inside mola. It sits between the defaults and
+everything the user gives: defaults < preset < YAML file < flags, so any key can be overridden.
+``mola methods`` lists them. What each sets, and where the paper leaves a choice open:
+
+* ``mola``: MoLA (Gao et al. 2024, arXiv 2402.08562), mola's defaults: inverted-triangle experts
+  2-4-6-8, top-2 of ``softmax(Rx)`` per adapted module, load-balancing loss weight 0.001.
+* ``mixlora``: MixLoRA (Li et al. 2024, arXiv 2404.15159; MoE-PEFT's ``mixlora``): 8 experts on
+  the MLP projections, one top-2 router per MLP block computed from the block's input and shared
+  by gate/up/down (``router_scope: block``), balance weight 0.01 (MoE-PEFT's default). The paper
+  also puts a plain LoRA on attention; mola leaves attention untouched here.
+* ``llava-mole``: LLaVA-MoLE (Chen et al. 2024, arXiv 2401.16160): 3 experts on the MLP, top-1,
+  one router per MLP block (sparse; the selected expert's gate is 1).
+* ``loramoe``: LoRAMoE (Dou et al. 2024, arXiv 2312.09979): 6 experts of rank 4 (alpha 32) on
+  the MLP projections, every expert used with its softmax weight, the localized balancing
+  constraint (delta 0.1, weight 0.1; examples carry an optional ``group``).
+* ``ld-mole``: LD-MoLE (Zhuang et al., ICLR 2026): 8 experts on all projections, sparsegen
+  routing with a shared lambda MLP, balance weight 1.0 and sparsity loss off, as the authors'
+  ``run.sh`` (``lb_loss_coef=1.0``, ``reg_loss_coef=0.0``); ``top_k`` 2 is the sparsity loss'
+  target when ``--sparsity-loss-coef`` is set.
+* ``dynmole``: DynMoLE (Li et al. 2025, arXiv 2504.00661): 8 experts, Tsallis entropy index 1.1,
+  threshold 0.9, top-p 0.75, at least 2 experts, balance 0.001 and entropy loss 0.01 (the
+  authors' defaults).
+* ``adamole``: AdaMoLE (Liu & Luo, COLM 2024): 8 experts, learned threshold capped at ``1/E``,
+  balance weight 0.001 (the authors' ``aux_loss_coef``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MLP_TARGETS = "gate_proj,up_proj,down_proj"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One preset: its name, a one-line description, the paper and the options it sets."""
+
+    name: str
+    description: str
+    paper: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "mola",
+            "layer-wise expert counts (inverted triangle), top-2 per module",
+            "Gao et al. 2024, Higher Layers Need More LoRA Experts, arXiv 2402.08562",
+        ),
+        Method(
+            "mixlora",
+            "8 experts on the MLP, one top-2 router per MLP block",
+            "Li et al. 2024, MixLoRA, arXiv 2404.15159",
+            {
+                "experts": "8",
+                "top_k": "2",
+                "router": "topk",
+                "router_scope": "block",
+                "target_modules": MLP_TARGETS,
+                "aux_loss_coef": 0.01,
+            },
+        ),
+        Method(
+            "llava-mole",
+            "3 experts on the MLP, top-1, one router per MLP block",
+            "Chen et al. 2024, LLaVA-MoLE, arXiv 2401.16160",
+            {
+                "experts": "3",
+                "top_k": "1",
+                "router": "topk",
+                "router_scope": "block",
+                "target_modules": MLP_TARGETS,
+                "aux_loss_coef": 0.01,
+            },
+        ),
+        Method(
+            "loramoe",
+            "6 soft-routed experts on the MLP, localized balancing over expert groups",
+            "Dou et al. 2024, LoRAMoE, arXiv 2312.09979",
+            {
+                "experts": "6",
+                "r": "4",
+                "alpha": 32.0,
+                "router": "loramoe",
+                "target_modules": MLP_TARGETS,
+                "aux_loss_coef": 0.0,
+                "lbc_loss_coef": 0.1,
+                "lbc_delta": 0.1,
+            },
+        ),
+        Method(
+            "ld-mole",
+            "sparsegen routing, token lambda from a shared MLP: dynamic experts per token",
+            "Zhuang et al., LD-MoLE, ICLR 2026, arXiv 2509.25684",
+            {"experts": "8", "top_k": "2", "router": "ldmole", "aux_loss_coef": 1.0},
+        ),
+        Method(
+            "dynmole",
+            "Tsallis-entropy hybrid routing: top-p, or every expert when uncertain",
+            "Li et al. 2025, DynMoLE, arXiv 2504.00661",
+            {
+                "experts": "8",
+                "top_k": "2",
+                "top_p": 0.75,
+                "router": "dynmole",
+                "aux_loss_coef": 0.001,
+                "entropy_loss_coef": 0.01,
+            },
+        ),
+        Method(
+            "adamole",
+            "experts above a learned per-token threshold",
+            "Liu & Luo, AdaMoLE, COLM 2024, arXiv 2405.00361",
+            {"experts": "8", "top_k": "none", "router": "adamole", "aux_loss_coef": 0.001},
+        ),
+    )
+}
+
+
+def method_settings(name: str) -> dict[str, Any]:
+    """The options preset ``name`` sets (``ValueError`` naming the choices if unknown)."""
+    if name not in METHODS:
+        raise ValueError(f"--method: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return dict(METHODS[name].settings)
+
+
+def apply_method(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (the options the user gave) over the preset ``values['method']`` names."""
+    name = values.get("method")
+    if not name:
+        return values
+    return {**method_settings(name), **values}
