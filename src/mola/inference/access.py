@@ -24,9 +24,11 @@ def experts_module(layer: MolaLinear) -> nn.Module:
     return holder if isinstance(holder, nn.Module) else layer
 
 
-def router_linear(layer: MolaLinear) -> nn.Linear | None:
+def router_linear(layer: MolaLinear) -> nn.Module | None:
+    """The layer's own router when it is a linear map (a weight ``(E, d_in)``), else ``None``."""
     router = getattr(layer, "router", None)
-    return router if isinstance(router, nn.Linear) else None
+    weight = getattr(router, "weight", None)
+    return router if isinstance(weight, Tensor) and weight.dim() == 2 else None
 
 
 def router_name(layer: MolaLinear) -> str:
