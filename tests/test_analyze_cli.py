@@ -213,7 +213,7 @@ def test_bad_options_exit_2(setup, capsys, extra, message):
 
 def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     rc = main(["analyze", "--adapter", str(tmp_path / "missing"), *common(setup)])
-    assert rc == 2 and "adapter_config.json not found" in capsys.readouterr().err
+    assert rc == 2 and "missing not found" in capsys.readouterr().err
     rc = main(["analyze", "--compare", str(setup["tri"]), *common(setup)])
     assert rc == 2 and "at least two" in capsys.readouterr().err
     bad = tmp_path / "bad.json"

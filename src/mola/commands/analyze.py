@@ -201,9 +201,11 @@ def _print_written(paths: list[str]) -> None:
 def _run_single(args: argparse.Namespace) -> int:
     from mola.analysis.plots import save_plots
     from mola.analysis.report import format_summary
+    from mola.utils.io import check_writable_dir
 
-    report = _analyze_adapter(args.adapter, args, _Data(args))
     output = args.output or os.path.join(args.adapter, "analysis")
+    check_writable_dir(output, "--output")  # before the work, not after
+    report = _analyze_adapter(args.adapter, args, _Data(args))
     os.makedirs(output, exist_ok=True)
     json_path = os.path.join(output, ANALYSIS_JSON)
     _write_json(json_path, report)
@@ -293,7 +295,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         plot_compare_redundancy,
         save_figure,
     )
+    from mola.utils.io import check_writable_dir
 
+    check_writable_dir(args.output or DEFAULT_COMPARE_OUTPUT, "--output")
     data = _Data(args)
     reports, sources = [], []
     for path in args.compare:

@@ -11,7 +11,7 @@ from mola.data.prompts import TEMPLATES
 from mola.evaluation.evaluate import SCORINGS, evaluate
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base, training_template
-from mola.utils.io import write_json, write_jsonl
+from mola.utils.io import check_writable_dir, write_json, write_jsonl
 from mola.utils.tables import metrics_table
 
 HELP = "evaluate an adapter (or the base model) on a task or file"
@@ -48,8 +48,31 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--cutoff-len: must be >= 2, got {args.cutoff_len}")
 
 
+def _output_dir(args: argparse.Namespace) -> str:
+    """Where metrics and predictions go; checked before any work.
+
+    Raises:
+        ValueError: the directory cannot be written, or it holds a training run whose
+            ``metrics.json`` would be overwritten.
+    """
+    output = args.output or (os.path.join(args.adapter, "eval") if args.adapter else "runs/eval")
+    check_writable_dir(output, "--output")
+    run_files = [
+        n
+        for n in ("train_config.yaml", "adapter_config.json")
+        if os.path.isfile(os.path.join(output, n))
+    ]
+    if run_files:
+        raise ValueError(
+            f"--output {output} holds a training run ({run_files[0]}); eval would overwrite its "
+            "metrics.json: choose another --output (default: ADAPTER/eval)"
+        )
+    return output
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    output = _output_dir(args)
     progress = not args.no_progress
     examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
     template = args.template or training_template(args.adapter) or "alpaca"
@@ -71,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     name = "adapter" if args.adapter else "base model"
     print(f"{name} on {source} ({len(examples)} examples, {template} template, {args.scoring})")
     print(metrics_table({name: metrics}))
-    output = args.output or (os.path.join(args.adapter, "eval") if args.adapter else "runs/eval")
     write_json(
         os.path.join(output, "metrics.json"),
         {

@@ -189,7 +189,11 @@ def score_choices(
     logprobs = [[0.0] * len(ex.choices or []) for ex in examples]
     device, pad_id = _device(model), _pad_id(tokenizer)
     head_positions = accepts_logits_to_keep(model)
-    with EvalMode(model), tqdm(total=len(jobs), desc="scoring", disable=not progress) as bar:
+    pending = [0] * len(examples)  # jobs left per example: the bar counts whole examples
+    for job in jobs:
+        pending[job[0]] += 1
+    bar_args = {"total": len(examples), "desc": "scoring", "unit": "example"}
+    with EvalMode(model), tqdm(**bar_args, disable=not progress) as bar:
         for first in range(0, len(jobs), batch_size):
             batch = jobs[first : first + batch_size]
             ids, mask = _right_padded([seq for _, seq, _ in batch], pad_id)
@@ -215,7 +219,11 @@ def score_choices(
                     logp = torch.log_softmax(logits[row, cols].float(), dim=-1)
                     targets = torch.tensor(choice, dtype=torch.long, device=logp.device)
                     logprobs[ex_idx][c_idx] = float(logp.gather(1, targets[:, None]).sum())
-            bar.update(len(batch))
+            finished = 0
+            for ex_idx, _, _ in batch:
+                pending[ex_idx] -= 1
+                finished += pending[ex_idx] == 0
+            bar.update(finished)
     results = []
     for example, sums, num_tokens in zip(examples, logprobs, counts, strict=True):
         norm = [s / max(n, 1) for s, n in zip(sums, num_tokens, strict=True)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from mola.data.datasets import DataError
 
@@ -160,6 +162,68 @@ def builtin_model_dir(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     return target
 
 
+LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    RuntimeError,
+    SafetensorError,
+)
+"""What a damaged or foreign model directory makes ``from_pretrained`` raise."""
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_model_dir(path: Path) -> None:
+    """A local model directory has a readable ``config.json`` of a known architecture (no
+    custom code: mola never sets ``trust_remote_code``) and safetensors weights (never pickle).
+
+    Raises:
+        DataError: one line naming the directory or file and what is wrong.
+    """
+    from transformers import CONFIG_MAPPING
+
+    config = path / "config.json"
+    if not config.is_file():
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
+        raise DataError(
+            f"model {path}: no config.json, so not a Hugging Face model directory "
+            f"(it holds {found}); pass a directory written by save_pretrained"
+        )
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"model {config}: not valid JSON ({_reason(err)})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"model {config}: expected a JSON object")
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        custom = (
+            " and needs custom code (trust_remote_code), which mola never runs"
+            if ("auto_map" in data)
+            else ""
+        )
+        raise DataError(
+            f"model {config}: model_type {model_type!r} is not a transformers architecture{custom}"
+        )
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json"))
+    if not weights:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(
+            p.name for p in path.glob("*.pt*")
+        )
+        if pickled:
+            raise DataError(
+                f"model {path}: only pickle weights ({', '.join(pickled[:3])}); mola loads "
+                "safetensors only: convert them with save_pretrained(..., safe_serialization=True)"
+            )
+        raise DataError(f"model {path}: no weights (*.safetensors) in the directory")
+
+
 def load_model_and_tokenizer(
     name_or_path: str, dtype: torch.dtype = torch.float32, progress: bool = True
 ) -> tuple[Any, Any]:
@@ -191,9 +255,17 @@ def load_model_and_tokenizer(
                 f"name ({', '.join(BUILTIN_MODELS)})"
             )
         path = builtin_model_dir(name_or_path, progress)
+    else:
+        check_model_dir(path)
     with _progress_bars(progress):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except LOAD_ERRORS as err:
+            raise DataError(f"model {path}: cannot load the tokenizer ({_reason(err)})") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        except LOAD_ERRORS as err:
+            raise DataError(f"model {path}: cannot load the weights ({_reason(err)})") from None
     if builtin is not None:
         for attribute, token in builtin.special_tokens:
             setattr(tokenizer, attribute, token)

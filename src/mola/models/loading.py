@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import yaml
 
-from mola.core.checkpoint import read_adapter_config
+from mola.core.checkpoint import check_adapter_files
 from mola.core.model import MolaModel
 from mola.models.hub import BUILTIN_MODELS, DEFAULT_MODEL, load_model_and_tokenizer
 
@@ -33,7 +33,7 @@ def load_adapted(
     Raises:
         ValueError: the directory is not an adapter or does not fit the base model.
     """
-    saved = read_adapter_config(adapter_dir)
+    saved = check_adapter_files(adapter_dir)  # a damaged adapter fails before the model loads
     name = model or saved.get("base_model_name_or_path") or DEFAULT_MODEL
     base, tokenizer = load_base(name, progress=progress)
     return MolaModel.from_pretrained(base, adapter_dir).eval(), tokenizer
@@ -44,6 +44,12 @@ def training_template(adapter_dir: str | None) -> str | None:
     path = os.path.join(adapter_dir, "train_config.yaml") if adapter_dir else None
     if not path or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        options = yaml.safe_load(fh)
-    return options.get("template") if isinstance(options, dict) else None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            options = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ValueError(
+            f"adapter: {path} is not valid YAML; repair it or pass --template"
+        ) from None
+    template = options.get("template") if isinstance(options, dict) else None
+    return template if isinstance(template, str) else None

@@ -19,6 +19,7 @@ from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
 from mola.training.distributed import check_launch, is_main_process
 from mola.training.options import TrainOptions
+from mola.training.outputs import check_output, clear_previous_run, notes
 from mola.utils.io import write_json, write_jsonl, write_text
 from mola.utils.tables import metrics_table
 
@@ -59,6 +60,10 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     main = is_main_process()
     if not main:
         opts = dataclasses.replace(opts, progress=False)
+    if main:
+        check_output(opts)  # refuse to clobber a run; unwritable output fails before the work
+        for note in notes(opts):
+            print(f"mola: note: {note}")
     mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
@@ -70,6 +75,8 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         )
     _check_fits(base, mola_config)  # fail on a bad spec or target before any work
     if main:
+        if opts.overwrite:
+            clear_previous_run(opts.output)
         os.makedirs(opts.output, exist_ok=True)
         write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))
 

@@ -370,6 +370,9 @@ def train(
     trainer = MolaTrainer(
         model=model, args=args, train_dataset=EncodedDataset(rows), data_collator=collator
     )
+    for callback in trainer.callback_handler.callbacks:  # TensorBoard: <output>/logs, not runs/
+        if type(callback).__name__ == "TensorBoardCallback" and not callback.logging_dir:
+            callback.logging_dir = os.path.join(opts.output, "logs")
     if trainer.is_world_process_zero():
         print(start_line(trainer.args))
     resume = None

@@ -47,3 +47,31 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """Fail now, not after the work, when files cannot be written into directory ``path``.
+
+    ``path`` need not exist yet: its nearest existing ancestor must be a writable directory
+    (tested by creating and removing a temporary file there). Nothing is left behind.
+
+    Raises:
+        ValueError: ``path`` or an ancestor is a file, or the directory is not writable.
+    """
+    shown = os.fspath(path)
+    probe = os.path.abspath(shown)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        if probe == os.path.abspath(shown):
+            raise ValueError(f"{flag} {shown}: is a file, not a directory")
+        raise ValueError(f"{flag} {shown}: cannot create it, {probe} is a file")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".mola-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise ValueError(f"{flag} {shown}: cannot write in {probe} ({err.strerror})") from None
