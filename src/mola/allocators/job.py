@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from mola.allocators import guilomo, redundancy
 from mola.allocators.budget import (
@@ -24,6 +24,8 @@ STRATEGIES = ("guilomo", "redundancy")
 @dataclass
 class AllocateOptions(TrainOptions):
     """``mola allocate``: the model/data options of ``mola train`` plus the budget and probe."""
+
+    EXPERTS_FROM_FLAGS: ClassVar[bool] = False  # the allocation picks the expert counts
 
     budget: int | None = _opt(None, "total experts or trainable params (with --by params)")
     by: str = _opt("experts", "what --budget counts", choices=BUDGET_KINDS)

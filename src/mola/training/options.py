@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -33,6 +33,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass
 class TrainOptions:
     """Everything ``mola train`` reads; see ``mola train --help``."""
+
+    EXPERTS_FROM_FLAGS: ClassVar[bool] = True
+    """Whether ``--experts`` sets the expert counts (``mola allocate`` picks them itself)."""
 
     # model and data
     model: str = _opt(DEFAULT_MODEL, "local HF model dir or built-in name")
@@ -172,7 +175,9 @@ class TrainOptions:
         if STRUCTURES[self.experts_structure].rank_experts:
             experts, flags = ranks, ("--r", "--top-k")  # every rank is an expert
         if str(self.top_k).lower() not in ("none", ""):
-            check_top_k(experts, check_spec(self.top_k, "--top-k"), self.router, flags)
+            top_k = check_spec(self.top_k, "--top-k")
+            if self.EXPERTS_FROM_FLAGS and not self.allocation and not self.init_from:
+                check_top_k(experts, top_k, self.router, flags)
         elif self.router == "topk":
             raise ValueError("--top-k: the 'topk' router needs a top-k (e.g. 2)")
 
