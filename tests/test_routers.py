@@ -281,3 +281,62 @@ def test_every_router_is_described():
     with pytest.raises(ValueError, match="ldmole_hidden: must be >= 1"):
         build_router("ldmole", 3, 1, None, 4, ldmole_hidden=0)
     assert math.isclose(build_router("adamole", 4, in_features=3).max_threshold, 0.25)
+
+
+# ------------------------------------------------------------------------ LoRAMoE constraint
+
+
+def test_loramoe_localized_balance_matches_the_formula():
+    torch.manual_seed(8)
+    E, B, T = 5, 3, 4
+    router = build_router("loramoe", E, in_features=7, lbc_groups=2, lbc_delta=0.1)
+    x = torch.randn(B * T, 7)
+    (rec,) = [router.gate(F.linear(x, router.fused_weight()), x)]
+    torch.testing.assert_close(rec.gates, torch.softmax(rec.logits.float(), -1))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    group = torch.tensor([0, 1, -1])
+    got = router.layer_losses([rec], mask, {"group": group})["lbc_loss"].item()
+    owner = [0, 0, 0, 1, 1]  # experts 0-2 serve type 0, experts 3-4 type 1
+    z = []
+    for n in range(B):
+        for e in range(E):
+            q = sum(rec.gates[n * T + t, e].item() for t in range(T) if mask[n, t])
+            if group[n] < 0:
+                coef = 1.0
+            else:
+                coef = 1.1 if owner[e] == group[n] else 0.9
+            z.append(coef * q)
+    mean = sum(z) / len(z)
+    var = sum((v - mean) ** 2 for v in z) / len(z)
+    assert got == pytest.approx(var / mean, rel=1e-5)
+
+
+def test_group_field_reaches_the_loss(tmp_path):
+    from mola.data.datasets import DataError, load_file
+    from mola.data.prompts import DataCollator
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"instruction": "a", "output": "b", "group": 1}\n{"instruction": "c", "output": "d"}\n'
+    )
+    examples = load_file(path)
+    assert [e.group for e in examples] == [1, None]
+    batch = DataCollator(0)([{"input_ids": [5, 6], "group": 1}, {"input_ids": [7]}])
+    assert batch["group"].tolist() == [1, -1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b", "group": "x"}\n')
+    with pytest.raises(DataError, match="field 'group' must be an integer"):
+        load_file(bad)
+    base, _, _ = build("llama")
+    model = get_mola_model(base, MolaConfig(num_experts=4, router="loramoe", lbc_loss_coef=0.5))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "router" in n:
+                p.mul_(5.0)
+    ids = torch.randint(3, 97, (2, 6))
+    typed = model(input_ids=ids, labels=ids, group=torch.tensor([0, 1]))
+    plain = model(input_ids=ids, labels=ids)
+    assert typed.lbc_loss.item() != pytest.approx(plain.lbc_loss.item())
+    torch.testing.assert_close(
+        typed.loss, typed.lm_loss + 0.001 * typed.aux_loss + 0.5 * typed.lbc_loss
+    )

@@ -15,7 +15,9 @@ itself.
   layer mean;
 * :func:`plot_compare_redundancy`, :func:`plot_compare_entropy`: the layer-mean curves of
   several reports overlaid;
-* :func:`save_plots`: the first three into a directory.
+* :func:`plot_active_experts`: for dynamic routers (a per-token number of experts), the
+  histogram of active experts per token, layers x count, with each layer's mean;
+* :func:`save_plots`: the first three (and the fourth for dynamic routers) into a directory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ DPI = 100
 LOAD_PNG = "expert_load.png"
 REDUNDANCY_PNG = "redundancy.png"
 ENTROPY_PNG = "entropy.png"
+ACTIVE_PNG = "active_experts.png"
 COMPARE_REDUNDANCY_PNG = "redundancy_compare.png"
 COMPARE_ENTROPY_PNG = "entropy_compare.png"
 
@@ -187,6 +190,58 @@ def plot_expert_load(
     return _finish(fig, path)
 
 
+def is_dynamic(report: Mapping[str, Any]) -> bool:
+    """Whether the report has per-token active-expert histograms of a dynamic router."""
+    return bool(report.get("has_routing")) and any(
+        item.get("dynamic") and item.get("active_hist") for item in _layers(report)
+    )
+
+
+def plot_active_experts(
+    report: Mapping[str, Any], path: str | os.PathLike[str] | None = None
+) -> Figure:
+    """Histogram of the number of experts each token uses, per layer (dynamic routers).
+
+    Rows are decoder layers (bottom to top), columns the number of active experts (0 to the
+    largest E); each cell is the share of the layer's (token, module) rows using that many
+    experts, and the layer's mean (``active_experts``) is printed at the right.
+
+    Raises:
+        ValueError: the report has no routing statistics.
+    """
+    _require_routing(report, "the active-experts histogram")
+    layers = [item for item in _layers(report) if item.get("active_hist")]
+    if not layers:
+        raise ValueError("the active-experts histogram needs active_hist in the report")
+    cols = max(len(item["active_hist"]) for item in layers)
+    data = np.full((len(layers), cols), np.nan)
+    for row, item in enumerate(layers):
+        hist = np.asarray(item["active_hist"], dtype=float)
+        data[row, : hist.shape[0]] = hist / max(hist.sum(), 1.0)
+    fig = new_figure(max(5.5, 3.2 + 0.6 * cols), max(3.8, 2.0 + 0.3 * len(layers)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="white")
+    image = ax.imshow(
+        np.ma.masked_invalid(data),
+        cmap=cmap,
+        norm=Normalize(0.0, 1.0),
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+    )
+    fig.colorbar(image, ax=ax, fraction=0.08, pad=0.02).set_label("share of tokens")
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(len(layers)), [str(item["layer"]) for item in layers])
+    ax.set_xlabel("active experts per token")
+    ax.set_ylabel("decoder layer")
+    for row, item in enumerate(layers):
+        mean = item.get("active_experts")
+        if mean is not None:
+            ax.text(cols - 0.4, row, f" mean {mean:.2f}", va="center", fontsize=7)
+    ax.set_title(f"Active experts per token{_suffix(report)}", fontsize=10)
+    return _finish(fig, path)
+
+
 def _module_curves(
     report: Mapping[str, Any], field: str
 ) -> tuple[list[int], dict[str, list[float]], list[float]]:
@@ -312,7 +367,8 @@ def plot_compare_entropy(
 
 
 def save_plots(report: Mapping[str, Any], directory: str | os.PathLike[str]) -> list[str]:
-    """Write ``expert_load.png``, ``redundancy.png`` and ``entropy.png`` into ``directory``.
+    """Write ``expert_load.png``, ``redundancy.png`` and ``entropy.png`` into ``directory``,
+    and ``active_experts.png`` for a dynamic router.
 
     A weights-only report (no routing statistics) gets only ``redundancy.png``.
 
@@ -324,4 +380,7 @@ def save_plots(report: Mapping[str, Any], directory: str | os.PathLike[str]) -> 
     if report.get("has_routing"):
         written.insert(0, save_figure(plot_expert_load(report), os.path.join(directory, LOAD_PNG)))
         written.append(save_figure(plot_entropy(report), os.path.join(directory, ENTROPY_PNG)))
+    if is_dynamic(report):
+        figure = plot_active_experts(report)
+        written.append(save_figure(figure, os.path.join(directory, ACTIVE_PNG)))
     return written

@@ -10,6 +10,10 @@ that for any :class:`~mola.model.MolaModel`, per decoder layer and per adapted m
 * **routing entropy**: the mean per-token entropy of ``p = softmax(router logits)`` in nats, and
   its maximum ``log(E)``; ``normalised_entropy`` is their ratio (1 = uniform, 0 = one expert);
 * **dead experts**: experts with a load below a threshold (default 1 %);
+* **active experts**: the mean number of experts a token uses (``active_experts``) and its
+  histogram (``active_hist``, tokens using 0..E experts), from the selection each module
+  actually made; dynamic routers (``topp``, ``ldmole``, ``dynmole``, ``adamole``, ``relu``)
+  vary it per token (``dynamic`` in the layer entry);
 * **balance loss**: :func:`mola.routing.load_balancing_loss` of each layer, averaged over the
   batches weighted by their tokens (``balance_loss``), and the same formula on the statistics
   pooled over all the data (``balance_loss_pooled``);
@@ -124,12 +128,14 @@ class RoutingCounts:
         prob_sum: ``(E,)`` float64, the summed router probabilities of each expert.
         entropy_sum: the summed per-row entropy of the router probabilities (nats).
         rows: the number of routed rows (tokens; tokens x modules for a layer).
+        active_hist: ``(E + 1,)`` float64, how many rows used 0, 1, ..., E experts.
     """
 
     counts: Tensor
     prob_sum: Tensor
     entropy_sum: float = 0.0
     rows: int = 0
+    active_hist: Tensor | None = None
 
     @classmethod
     def from_logits(
@@ -149,12 +155,26 @@ class RoutingCounts:
             raise ValueError(
                 f"cannot add routing counts of {other.num_experts} and {self.num_experts} experts"
             )
+        hist = self.active_hist
+        if hist is None or other.active_hist is None:
+            hist = hist if other.active_hist is None else other.active_hist
+        else:
+            hist = hist + other.active_hist
         return RoutingCounts(
             self.counts + other.counts,
             self.prob_sum + other.prob_sum,
             self.entropy_sum + other.entropy_sum,
             self.rows + other.rows,
+            hist,
         )
+
+    @property
+    def active_experts(self) -> float:
+        """Mean number of experts a token uses (NaN without rows)."""
+        hist = self.active_hist
+        if hist is None or float(hist.sum()) == 0:
+            return math.nan
+        return float((hist * torch.arange(hist.shape[0], dtype=hist.dtype)).sum() / hist.sum())
 
     @property
     def num_experts(self) -> int:
@@ -207,37 +227,56 @@ class RoutingCounts:
             "max_entropy": _num(self.max_entropy),
             "normalised_entropy": _num(self.normalised_entropy),
             "dead_experts": self.dead_experts(dead_threshold),
+            "active_experts": _num(self.active_experts),
+            "active_hist": None if self.active_hist is None else self.active_hist.tolist(),
         }
 
 
 def _reduce(
-    logits: Sequence[Tensor], router: Router, attention_mask: Tensor | None
+    logits: Sequence[Tensor],
+    router: Router,
+    attention_mask: Tensor | None,
+    masks: Sequence[Tensor] | None = None,
 ) -> list[RoutingCounts]:
-    """Per-module :class:`RoutingCounts` of same-shaped logits, in one pass for all modules."""
+    """Per-module :class:`RoutingCounts` of same-shaped logits, in one pass for all modules.
+
+    ``masks``: the experts each row actually used (recorded by the layers); by default
+    ``router.select(softmax(logits))``, which only the softmax-rule routers define.
+    """
     rows = [t.reshape(-1, t.shape[-1]) for t in logits]
     if len({r.shape for r in rows}) > 1:
-        return [_reduce([t], router, attention_mask)[0] for t in logits]
+        return [
+            _reduce([t], router, attention_mask, None if masks is None else [masks[i]])[0]
+            for i, t in enumerate(logits)
+        ]
     num, (tokens, experts) = len(rows), rows[0].shape
     probs = torch.softmax(torch.cat(rows).float(), dim=-1)
-    _, mask = router.select(probs)
+    if masks is None:
+        _, mask = router.select(probs)
+    else:
+        mask = torch.cat([m.reshape(-1, m.shape[-1]) for m in masks]).bool()
     entropy = torch.special.entr(probs).sum(dim=-1)
+    active = torch.nn.functional.one_hot(mask.sum(dim=-1), experts + 1).double()
     keep = _keep_rows(attention_mask, tokens, probs.device)
     if keep is not None:
         keep_all = keep.repeat(num)
         mask = mask & keep_all[:, None]
         probs = probs * keep_all[:, None]
         entropy = entropy * keep_all
+        active = active * keep_all[:, None]
     sums = torch.cat(
         [
             mask.view(num, tokens, experts).sum(dim=1).double(),
             probs.view(num, tokens, experts).sum(dim=1).double(),
+            active.view(num, tokens, experts + 1).sum(dim=1),
             entropy.view(num, tokens).sum(dim=1, keepdim=True).double(),
         ],
         dim=1,
     ).cpu()  # one transfer per call
     count = tokens if keep is None else int(keep.sum())
+    e = experts
     return [
-        RoutingCounts(row[:experts], row[experts : 2 * experts], float(row[-1]), count)
+        RoutingCounts(row[:e], row[e : 2 * e], float(row[-1]), count, row[2 * e : 3 * e + 1])
         for row in sums
     ]
 
@@ -292,6 +331,7 @@ class RoutingStats:
         routers: Mapping[int, Router],
         attention_mask: Tensor | None = None,
         keys: Mapping[str, str] | None = None,
+        records: Mapping[int, Sequence[tuple[str, Any]]] | None = None,
     ) -> None:
         """Add one forward's router logits (``RouterLogitsStore.logits``).
 
@@ -300,6 +340,8 @@ class RoutingStats:
             routers: the router of each layer.
             attention_mask: the batch's ``(B, T)`` mask (rows of every module align with it).
             keys: maps qualified module names to short keys (default: the name itself).
+            records: ``RouterLogitsStore.records``, the routing each module used (its selection
+                masks count instead of ``router.select``; needed for learned routers).
 
         Raises:
             ValueError: a layer has no router, or the mask does not match the logits.
@@ -311,14 +353,18 @@ class RoutingStats:
             if layer not in routers:
                 raise ValueError(f"no router given for decoder layer {layer}")
             router = routers[layer]
-            reduced = _reduce([t for _, t in entries], router, attention_mask)
+            masks = None
+            if records is not None and len(records.get(layer, ())) == len(entries):
+                masks = [r.mask for _, r in records[layer]]
+            reduced = _reduce([t for _, t in entries], router, attention_mask, masks)
             for (name, _), counts in zip(entries, reduced, strict=True):
                 key = (layer, keys.get(name, name) if keys else name)
                 previous = self.modules.get(key)
                 self.modules[key] = counts if previous is None else previous + counts
                 self.names.setdefault(key, name)
                 batch_tokens = counts.rows
-            balance = float(load_balancing_loss([t for _, t in entries], router, attention_mask))
+            logits_only = [t for _, t in entries]
+            balance = float(load_balancing_loss(logits_only, router, attention_mask, masks=masks))
             slot = self._balance.setdefault(layer, [0.0, 0.0])
             slot[0] += balance * batch_tokens
             slot[1] += batch_tokens
@@ -417,7 +463,7 @@ def collect_routing(
                 mask = None if mask is None else mask.to(device)
                 store.clear()
                 model(input_ids=ids, attention_mask=mask, **extra)
-                stats.update(store.logits, routers, mask, keys)
+                stats.update(store.logits, routers, mask, keys, store.records)
                 store.clear()
     finally:
         model.router_store.clear()
@@ -499,7 +545,7 @@ def build_report(
     for entries in per_layer.values():
         order += [key for key, _, _ in entries if key not in order]
     routing_fields = ("tokens", "load", "mean_prob", "entropy", "max_entropy")
-    routing_fields += ("normalised_entropy", "dead_experts")
+    routing_fields += ("normalised_entropy", "dead_experts", "active_experts", "active_hist")
     layers = []
     for idx in sorted(per_layer):
         entries = per_layer[idx]
@@ -524,6 +570,8 @@ def build_report(
             "layer": idx,
             "num_experts": first.num_experts,
             "top_k": first.routing.top_k,
+            "router": first.routing.name,
+            "dynamic": bool(first.routing.dynamic),
             "r": first.r,
             "redundancy": _num(_nanmean(r.redundancy for r in reds)),
             "mean_expert_norm": _num(_nanmean(float(r.norms.mean()) for r in reds)),
