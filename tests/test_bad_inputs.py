@@ -574,3 +574,13 @@ def test_real_console_script(world, tmp_path):
         rc, _, err = real_mola(argv, tmp_path)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and culprit in lines[0], err
+
+
+def test_demo_help_shows_the_demo_recipe():
+    from mola.cli import build_parser
+    from mola.commands.demo import DEMO_RECIPE
+
+    text = " ".join(build_parser("demo").format_help().split())
+    assert f"(default: {DEMO_RECIPE['max_steps']})" in text
+    assert f"(default: {DEMO_RECIPE['output']})" in text
+    assert f"(default: {DEMO_RECIPE['lr']})" in text

@@ -249,3 +249,11 @@ def test_single_token_choices_share_one_prompt_pass(tiny_llama):
     for example, result in zip(examples, results, strict=True):
         sums, _ = reference_logprobs(model, tokenizer, example, "alpaca", 256)
         assert result["logprobs"] == pytest.approx(sums, abs=1e-4)
+
+
+def test_scoring_progress_bar_counts_examples(tiny_llama, capsys):
+    """The bar's total and unit are examples, not (example, choice) sequences."""
+    model, tokenizer = tiny_llama
+    score_choices(model, tokenizer, EXAMPLES, "alpaca", batch_size=2, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"{len(EXAMPLES)}/{len(EXAMPLES)}" in bar and "example" in bar, bar
