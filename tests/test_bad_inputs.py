@@ -434,6 +434,16 @@ ROWS = [
         "adapter_model.safetensors not found",
     ),
     (
+        "init-from-damaged-adapter",
+        lambda w: w.train("--init-from", w.adapter_bytes("a", lambda b: b[:200])),
+        "adapter_model.safetensors is not a readable safetensors file",
+    ),
+    (
+        "init-from-not-an-adapter",
+        lambda w: w.train("--init-from", str(w.case)),
+        "adapter_config.json not found",
+    ),
+    (
         "resume-damaged-checkpoint",
         lambda w: w.train("--resume", "--output", _damaged_run(w)),
         "checkpoint-1/adapter_model.safetensors is not a readable",

@@ -290,6 +290,17 @@ class MolaConfig:
     def load(cls, path: str | os.PathLike[str]) -> MolaConfig:
         """Read a config JSON (or a saved adapter's ``adapter_config.json``, or its directory)."""
         if os.path.isdir(path):
-            path = os.path.join(path, "adapter_config.json")
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+            from mola.core.checkpoint import read_adapter_config
+
+            return cls.from_dict(read_adapter_config(os.fspath(path)))  # validated, names the file
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a valid JSON config ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of config fields")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None

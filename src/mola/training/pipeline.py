@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
+from mola.core.checkpoint import check_adapter_files
 from mola.core.config import MolaConfig
 from mola.core.model import MolaModel, get_mola_model
 from mola.data.datasets import Example, limit_examples, load_examples, load_file, load_task
@@ -64,6 +65,8 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         check_output(opts)  # refuse to clobber a run; unwritable output fails before the work
         for note in notes(opts):
             print(f"mola: note: {note}")
+    if opts.init_from:
+        check_adapter_files(opts.init_from)  # a damaged adapter fails before the model loads
     mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
