@@ -12,7 +12,13 @@ Timings are interleaved (lora, mola, loop, lora, ...) and the median of the repe
 Activation memory is the bytes autograd saves for backward (CPU), or the CUDA peak above the
 resting allocation when run on a GPU.
 
+A second table (``--routers``, default every registered router) times one MolaLinear per router
+at E = 8 (top-k 2 where the router takes one; the ``block`` scope is the ``topk`` rule with the
+router computed once per sub-block, so it is not a separate row) against plain LoRA of the same
+rank, interleaved in the same way.
+
     python benchmarks/bench_layer.py [--repeats 15] [--tokens 2048] [--dim 2048] [--device cpu]
+    python benchmarks/bench_layer.py --experts --routers topk ldmole   # only the router table
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from mola import MolaLinear
+from mola.routing import ROUTERS
 
 
 class PlainLoRA(nn.Module):
@@ -124,13 +131,39 @@ def run(experts: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     }
 
 
+def run_routers(routers: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Median fwd+bwd ms of plain LoRA and of a MolaLinear with each router (E = 8)."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    base = nn.Linear(args.dim, args.dim, bias=False, device=device).requires_grad_(False)
+    impls: dict[str, nn.Module] = {"lora": PlainLoRA(base, args.rank, 16)}
+    for name in routers:
+        layer = MolaLinear(
+            base, 8, r=args.rank, lora_alpha=16, lora_dropout=0.0, top_k=2, router=name, top_p=0.75
+        )
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        impls[name] = layer
+    x = torch.randn(args.tokens, args.dim, device=device, requires_grad=True)
+    upstream = torch.randn(args.tokens, args.dim, device=device)
+    for fn in impls.values():
+        for _ in range(2):
+            step(fn, x, upstream)
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(args.repeats):
+        for name, fn in impls.items():
+            times[name].append(step(fn, x, upstream))
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--experts", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument("--routers", nargs="*", default=list(ROUTERS), choices=list(ROUTERS))
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     print(
@@ -151,6 +184,13 @@ def main() -> None:
             f"{mola['ms'] / lora['ms']:.2f}x | {loop['ms'] / mola['ms']:.2f}x | "
             f"{lora['mem']:.1f} / {mola['mem']:.1f} / {loop['mem']:.1f} |"
         )
+    if args.routers:
+        ms = run_routers(args.routers, args)
+        print(f"\nE = 8 per router (LoRA r{args.rank}: {ms['lora']:.1f} ms)")
+        print("| router | ms | / LoRA |")
+        print("|---|---|---|")
+        for name in args.routers:
+            print(f"| {name} | {ms[name]:.1f} | {ms[name] / ms['lora']:.2f}x |")
 
 
 if __name__ == "__main__":

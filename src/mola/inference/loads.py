@@ -36,9 +36,9 @@ def measure_loads(model: MolaModel, batches: Iterable[Mapping[str, Tensor]]) -> 
                 mask = None if mask is None else mask.to(device)
                 store.clear()
                 model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-                for entries in store.logits.values():
-                    for name, logits in entries:
-                        _, chosen = layers[name].routing.route(logits)
+                for entries in store.records.values():  # what each module selected
+                    for name, routing in entries:
+                        chosen = routing.mask
                         if mask is not None:
                             chosen = chosen & (mask.reshape(-1, 1) != 0)
                         total = chosen.sum(dim=0).double()
