@@ -10,12 +10,16 @@ Memory: on CUDA the peak allocated above the resting state during a step; on CPU
 statistics) the bytes autograd saves for backward plus the trainable state (weights, gradients and
 the two AdamW moments), which is what training adds above the frozen model.
 
-    python benchmarks/bench_train.py [--steps 10] [--batch-size 8] [--device cpu]
+fp32 against bf16: ``--bf16`` adds rows for both adapters trained under bf16 autocast with fp32
+master weights (what ``mola train --bf16`` does), interleaved with the fp32 steps.
+
+    python benchmarks/bench_train.py [--steps 10] [--batch-size 8] [--device cpu] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -45,12 +49,16 @@ def trainable_state_bytes(model: torch.nn.Module) -> int:
     return sum(4 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def step(model, optimizer, batch) -> float:
+def step(model, optimizer, batch, bf16: bool = False) -> float:
     device = batch["input_ids"].device
     if device.type == "cuda":
         torch.cuda.synchronize()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
     start = time.perf_counter()
-    loss = model(**batch).loss
+    with autocast:
+        loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -87,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cutoff-len", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast steps")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -107,14 +116,16 @@ def main() -> None:
         {k: v.to(device) for k, v in collate(rows[i : i + args.batch_size]).items()}
         for i in range(0, len(rows), args.batch_size)
     ]
-    times: dict[str, list[float]] = {k: [] for k in models}
+    runs = [(name, False) for name in models] + [(name, True) for name in models if args.bf16]
+    times: dict[tuple[str, bool], list[float]] = {run: [] for run in runs}
     for i, batch in enumerate(batches):
-        for name, model in models.items():
-            elapsed = step(model, optimizers[name], batch)
+        for name, bf16 in runs:
+            elapsed = step(models[name], optimizers[name], batch, bf16)
             if i >= 2:  # warm-up steps are not timed
-                times[name].append(elapsed)
+                times[(name, bf16)].append(elapsed)
     mem = {k: memory(m, optimizers[k], batches[0]) / 2**20 for k, m in models.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    med = {name: medians[(name, False)] for name in models}
     params = {
         k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()
     }
@@ -122,7 +133,7 @@ def main() -> None:
     print(
         f"train step, SmolLM2-135M, batch {args.batch_size} (~{tokens} tokens), {device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
-        f"{len(times['mola'])} interleaved steps"
+        f"{len(times[('mola', False)])} interleaved steps"
     )
     print("| adapter | trainable params | step s | steps/s | memory MiB |")
     print("|---|---|---|---|---|")
@@ -136,6 +147,12 @@ def main() -> None:
         f"| ratio mola / LoRA | {params['mola'] / params['lora']:.2f}x | "
         f"{med['mola'] / med['lora']:.2f}x | | {mem['mola'] / mem['lora']:.2f}x |"
     )
+    if args.bf16:
+        print("\n| adapter | fp32 step s | bf16 step s | bf16 / fp32 |")
+        print("|---|---|---|---|")
+        for name in ("lora", "mola"):
+            fp32, bf16 = medians[(name, False)], medians[(name, True)]
+            print(f"| {name} | {fp32:.3f} | {bf16:.3f} | {bf16 / fp32:.2f}x |")
 
 
 if __name__ == "__main__":

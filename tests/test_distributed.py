@@ -124,9 +124,9 @@ def test_torchrun_two_processes_equal_one(tiny_llama_dir, data, reference, tmp_p
 
 def test_accelerate_launch_two_processes_equal_one(tiny_llama_dir, data, reference, tmp_path):
     out = tmp_path / "acc"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp_cpu.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--main_process_port", str(free_port())]  # the shipped example, 2 processes
     run([*launch, mola_script(), *train_args(tiny_llama_dir, data, out, 2)])
     assert_same_run(out, reference)
 

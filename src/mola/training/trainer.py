@@ -23,15 +23,17 @@ import shutil
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from mola.core.checkpoint import load_adapter_weights
+from mola.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_adapter_name, load_adapter_weights
 from mola.core.model import MolaModel
 from mola.training import distributed
 from mola.training.options import TrainOptions
+from mola.utils.io import atomic_write, write_json
 
 
 class EncodedDataset(Dataset):
@@ -178,8 +180,21 @@ class MolaTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None or not self.is_fsdp_enabled:
+            model.save_pretrained(output_dir)
+            return
+        # FSDP: the parameters are shards; the Trainer gathered the full state dict for us
+        tensors = {
+            name.removeprefix("base_model."): t.detach().to("cpu").contiguous()
+            for name, t in state_dict.items()
+            if is_adapter_name(name)
+        }
+        os.makedirs(output_dir, exist_ok=True)
+        atomic_write(os.path.join(output_dir, WEIGHTS_NAME), lambda p: save_file(tensors, p))
+        write_json(os.path.join(output_dir, CONFIG_NAME), model.adapter_config())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
@@ -375,6 +390,9 @@ def train(
             callback.logging_dir = os.path.join(opts.output, "logs")
     if trainer.is_world_process_zero():
         print(start_line(trainer.args))
+        asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if asked_fsdp and not trainer.is_fsdp_enabled:
+            print("mola: warning: accelerate runs FSDP on GPUs only; this run is plain DDP")
     resume = None
     if opts.resume:
         resume = last_checkpoint(opts.output)
