@@ -398,6 +398,11 @@ ROWS = [
         "'allocation' must be",
     ),
     (
+        "adapter-base-model-moved",
+        lambda w: w.eval(w.adapter_config("a", _set("base_model_name_or_path", "/gone/model"))),
+        "trained on the model /gone/model, which is not a directory here; pass its location",
+    ),
+    (
         "adapter-truncated-weights",
         lambda w: w.eval(w.adapter_bytes("a", lambda b: b[: len(b) // 2])),
         "adapter_model.safetensors is not a readable safetensors file",

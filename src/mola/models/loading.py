@@ -35,6 +35,11 @@ def load_adapted(
     """
     saved = check_adapter_files(adapter_dir)  # a damaged adapter fails before the model loads
     name = model or saved.get("base_model_name_or_path") or DEFAULT_MODEL
+    if not model and name not in BUILTIN_MODELS and not os.path.isdir(name):
+        raise ValueError(
+            f"adapter {adapter_dir} was trained on the model {name}, which is not a directory "
+            "here; pass its location with --model"
+        )
     base, tokenizer = load_base(name, progress=progress)
     return MolaModel.from_pretrained(base, adapter_dir).eval(), tokenizer
 
