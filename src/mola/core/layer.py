@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.inference.cache import DerivedWeights
 from mola.routing import Router, Routing, build_router
 
 if TYPE_CHECKING:
@@ -185,6 +186,13 @@ class MolaLinear(nn.Module):
         self.layer_idx: int | None = None
         self.module_name = ""
         self.store: RouterLogitsStore | None = None
+        # weights derived for the no-grad path, rebuilt when a source parameter changes
+        self._fused_a, self._b_rows = DerivedWeights(), DerivedWeights()
+
+    def train(self, mode: bool = True) -> MolaLinear:
+        self._fused_a.clear()
+        self._b_rows.clear()
+        return super().train(mode)
 
     @property
     def routing(self) -> Router:
@@ -246,7 +254,8 @@ class MolaLinear(nn.Module):
         w_r = router.fused_weight()
         if dropping:
             return router.gate(F.linear(flat, w_r), flat), h
-        both = F.linear(flat, torch.cat([w_r, a]))
+        params = (w_r, self.lora_A)  # inference: [router; A] built once, see inference.cache
+        both = F.linear(flat, self._fused_a.get(params, lambda: torch.cat([w_r, a])))
         rows = w_r.shape[0]
         return router.gate(both[:, :rows], flat), both[:, rows:]
 
@@ -255,7 +264,9 @@ class MolaLinear(nn.Module):
         num, rank, d_out = self.num_experts, self.r, self.out_features
         g = (gates * self.scaling).to(h.dtype)  # (N, E)
         h = (h.reshape(-1, num, rank) * g.unsqueeze(-1)).reshape(-1, num * rank)
-        w_b = self.lora_B.transpose(0, 1).reshape(d_out, num * rank)  # [o, e*r+j] = B[e, o, j]
+        w_b = self._b_rows.get(  # [o, e*r+j] = B[e, o, j]; kept as its contiguous transpose
+            (self.lora_B,), lambda: self.lora_B.transpose(0, 1).reshape(d_out, num * rank)
+        )
         flat = result.reshape(-1, d_out)
         if flat.dtype == h.dtype:  # fused: result + h @ w_b^T in one kernel
             return torch.addmm(flat, h, w_b.t()).view(result.shape)

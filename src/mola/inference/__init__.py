@@ -1,16 +1,31 @@
-"""Inference tools: routing loads, expert pruning, exact merging into the base weights."""
+"""Inference tools: routing loads, expert pruning, exact merging into the base weights, and the
+cache of derived weights the layer's no-grad path uses.
 
-from mola.inference.loads import measure_loads
-from mola.inference.merge import MergeDecision, fold_modules, merge_plan
-from mola.inference.prune import layer_summary, plan_module, prune_model, pruned_patterns
+Names are imported lazily: :mod:`mola.core.layer` imports :mod:`mola.inference.cache`, so this
+package must not import the model code when it is first loaded.
+"""
 
-__all__ = [
-    "MergeDecision",
-    "fold_modules",
-    "layer_summary",
-    "measure_loads",
-    "merge_plan",
-    "plan_module",
-    "prune_model",
-    "pruned_patterns",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "measure_loads": "mola.inference.loads",
+    "MergeDecision": "mola.inference.merge",
+    "fold_modules": "mola.inference.merge",
+    "merge_plan": "mola.inference.merge",
+    "layer_summary": "mola.inference.prune",
+    "plan_module": "mola.inference.prune",
+    "prune_model": "mola.inference.prune",
+    "pruned_patterns": "mola.inference.prune",
+    "DerivedWeights": "mola.inference.cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mola.inference' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
