@@ -109,8 +109,8 @@ def test_registry_and_interface():
     routing = owned.gate(z, torch.randn(5, 6))
     assert isinstance(routing, Routing) and routing.active.tolist() == [2] * 5
     torch.testing.assert_close(routing.gates, template.route(z)[0])
+    assert isinstance(owned, Router) and torch.equal(owned(torch.eye(6)), owned.weight.T)
     with pytest.raises(ValueError, match="router: 'topk' takes no option"):
-        Router.__init_subclass__  # noqa: B018  (the base exists)
         type(owned)(4, 2, None, 6, nope=1)
 
 
