@@ -14,7 +14,7 @@ from mola.core.layer import MolaLinear
 from mola.routing import build_router
 
 # Routers whose gates for a single expert are exactly 1, and whose gates always sum to 1.
-UNIT_GATE_ROUTERS = frozenset({"topk", "switch", "topp", "soft"})
+UNIT_GATE_ROUTERS = frozenset({"topk", "switch", "topp", "soft", "none"})
 SUM_ONE_ROUTERS = frozenset({"topk", "topp", "soft"})
 
 
@@ -32,7 +32,9 @@ def router_linear(layer: MolaLinear) -> nn.Module | None:
 
 
 def router_name(layer: MolaLinear) -> str:
-    return str(getattr(layer.routing, "name", type(layer.routing).__name__))
+    """The routing rule's name; ``none`` for a module without a router (one expert)."""
+    routing = layer.routing
+    return "none" if routing is None else str(getattr(routing, "name", type(routing).__name__))
 
 
 def unsupported_reason(layer: MolaLinear) -> str | None:
@@ -44,6 +46,8 @@ def unsupported_reason(layer: MolaLinear) -> str | None:
     a, b = getattr(holder, "lora_A", None), getattr(holder, "lora_B", None)
     if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.dim() != 3 or b.dim() != 3:
         return "no stacked lora_A (E, r, d_in) / lora_B (E, d_out, r)"
+    if layer.routing is None and a.shape[0] == 1:
+        return None  # one expert without a router: a plain LoRA
     router = router_linear(layer)
     if router is None or router.bias is not None or router.weight.shape[0] != a.shape[0]:
         return "its router is not a bias-free linear map with one row per expert"
@@ -79,9 +83,12 @@ def keep_experts(layer: MolaLinear, keep: list[int], top_k: int | None) -> None:
             setattr(owner, name, new)
     router.out_features = len(keep)
     old_routing = layer.routing
-    layer.routing = build_router(
-        router_name(layer), len(keep), top_k, getattr(old_routing, "top_p", None)
-    )
+    if len(keep) == 1 and isinstance(getattr(layer, "experts", None), nn.Module):
+        layer.router = None  # layers with an experts module take one expert as a plain LoRA
+    else:
+        layer.routing = build_router(
+            router_name(layer), len(keep), top_k, getattr(old_routing, "top_p", None)
+        )
     for owner in {id(holder): holder, id(layer): layer}.values():
         if hasattr(owner, "num_experts"):
             owner.num_experts = len(keep)
