@@ -340,3 +340,20 @@ def test_group_field_reaches_the_loss(tmp_path):
     torch.testing.assert_close(
         typed.loss, typed.lm_loss + 0.001 * typed.aux_loss + 0.5 * typed.lbc_loss
     )
+
+
+@pytest.mark.parametrize("router", ["ldmole", "adamole"])
+def test_inference_cache_follows_the_routers_extra_rows(router):
+    layer = make_layer(router, 4).eval()
+    x = torch.randn(6, 11)
+    with torch.inference_mode():
+        first = layer(x)
+        again = layer(x)
+    assert torch.equal(first, again) and layer._fused_a.builds == 1
+    extra = layer.router.lambda_mlp.hidden_weight if router == "ldmole" else None
+    extra = layer.router.threshold_weight if extra is None else extra
+    with torch.no_grad():
+        extra.mul_(-3.0)  # an in-place change of an extra row: the cache must rebuild
+        changed = layer(x)
+    assert layer._fused_a.builds == 2
+    torch.testing.assert_close(changed, oracle_forward(layer, x), rtol=1e-5, atol=1e-5)

@@ -251,12 +251,13 @@ class MolaLinear(nn.Module):
         if self.shared is not None:
             return self.shared.current(), h if dropping else F.linear(flat, a)
         router = self.router
-        w_r = router.fused_weight()
         if dropping:
-            return router.gate(F.linear(flat, w_r), flat), h
-        params = (w_r, self.lora_A)  # inference: [router; A] built once, see inference.cache
-        both = F.linear(flat, self._fused_a.get(params, lambda: torch.cat([w_r, a])))
-        rows = w_r.shape[0]
+            return router.gate(F.linear(flat, router.fused_weight()), flat), h
+        # inference: [router; A] built once, keyed on the source parameters (inference.cache)
+        params = (*router.fused_sources(), self.lora_A)
+        fused = self._fused_a.get(params, lambda: torch.cat([router.fused_weight(), a]))
+        both = F.linear(flat, fused)
+        rows = fused.shape[0] - a.shape[0]
         return router.gate(both[:, :rows], flat), both[:, rows:]
 
     def _mix(self, result: Tensor, h: Tensor, gates: Tensor) -> Tensor:

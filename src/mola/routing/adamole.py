@@ -51,6 +51,9 @@ class AdaMoLERouter(Router):
         value = self.options.get("max_threshold")
         return 1.0 / self.num_experts if value is None else float(value)
 
+    def fused_sources(self) -> tuple[Tensor, ...]:
+        return (self.weight, self.threshold_weight)
+
     def fused_weight(self) -> Tensor:
         return torch.cat([self.weight, self.threshold_weight])
 

@@ -132,6 +132,10 @@ class Router(nn.Module):
         if self.weight is not None:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
+    def fused_sources(self) -> tuple[Tensor, ...]:
+        """The parameters :meth:`fused_weight` is built from (the key of a cached copy)."""
+        return (self.weight,)
+
     def fused_weight(self) -> Tensor:
         """The rows applied linearly to ``x`` (``(P, d_in)``, the E logits first), fused with A."""
         return self.weight

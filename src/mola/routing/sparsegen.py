@@ -118,6 +118,9 @@ class SparsegenRouter(Router):
         else:
             self.lambda_mlp = LambdaMLP(in_features, hidden, **kw)
 
+    def fused_sources(self) -> tuple[Tensor, ...]:
+        return (self.weight, self.lambda_mlp.hidden_weight)
+
     def fused_weight(self) -> Tensor:
         return torch.cat([self.weight, self.lambda_mlp.hidden_weight])
 
