@@ -33,8 +33,10 @@ def count_tokens(model: str, task: str, n: int, cutoff: int) -> int:
     from mola.models.loading import load_base
 
     _, tokenizer = load_base(model, progress=False)
-    rows = [encode_for_training(tokenizer, e, "alpaca", cutoff) for e in load_task(task, "train")]
-    return sum(len(r["input_ids"]) for r in rows[:n])
+    examples = load_task(task, "train")[:n]
+    return sum(
+        len(encode_for_training(tokenizer, e, "alpaca", cutoff)["input_ids"]) for e in examples
+    )
 
 
 def run(procs: int, threads: int, args: argparse.Namespace, out: str) -> float:
