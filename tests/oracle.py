@@ -41,8 +41,10 @@ def oracle_forward(
     """MoLA forward computed per token and per selected expert (dropout off)."""
     base = layer.base_layer(x)
     flat = x.reshape(-1, layer.in_features)
-    logits = layer.router(flat.to(layer.router.weight.dtype)).float()
-    probs = torch.softmax(logits, dim=-1)
+    if layer.router is None:  # one expert, no router: gate 1
+        probs = torch.ones(flat.shape[0], 1)
+    else:
+        probs = torch.softmax(layer.router(flat.to(layer.router.weight.dtype)).float(), dim=-1)
     rows = []
     for n in range(flat.shape[0]):
         p_values = probs[n].tolist()

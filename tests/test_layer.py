@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mola import MolaLinear
-from mola.core.layer import DroppedLinear, dropout_mask
+from mola.experts.fastpath import DroppedLinear, dropout_mask
 
 SHAPES = [(7, 5), (16, 33), (33, 16)]
 CASES = [(E, k) for E in (1, 2, 3, 8) for k in sorted({1, 2, E}) if k <= E]
@@ -23,14 +23,17 @@ def make_layer(d_in, d_out, E, k, router="topk", top_p=None, dtype=torch.float32
     )
     with torch.no_grad():
         layer.lora_B.normal_(std=0.5)
-        layer.router.weight.mul_(3.0)  # spread the router so top-k has no near-ties
+        if layer.router is not None:  # one expert: a plain LoRA, no router
+            layer.router.weight.mul_(3.0)  # spread the router so top-k has no near-ties
     return layer
 
 
 def grads(layer, x, out):
     torch.manual_seed(1)
     upstream = torch.randn_like(out)
-    params = [x, layer.lora_A, layer.lora_B, layer.router.weight]
+    params = [x, layer.lora_A, layer.lora_B]
+    if layer.router is not None:
+        params.append(layer.router.weight)
     return torch.autograd.grad(out, params, upstream)
 
 
@@ -100,7 +103,7 @@ def test_shapes_names_and_init_statistics():
     assert layer.router.weight.shape == (6, 256) and layer.router.bias is None
     assert layer.scaling == 2.0 and layer.base_layer is base
     trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
-    assert trainable == ["lora_A", "lora_B", "router.weight"]
+    assert trainable == ["router.weight", "experts.lora_A", "experts.lora_B"]
     bound = 1 / 256**0.5  # kaiming-uniform(a=sqrt 5) on fan_in 256, as nn.Linear
     for w in (layer.lora_A, layer.router.weight):
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound

@@ -26,8 +26,25 @@ def is_adapter_name(name: str) -> bool:
     return any(part.startswith("lora_") or part == "router" for part in name.split("."))
 
 
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's parameters and buffers (FlyLoRA's frozen ``A``, balancing biases) by name."""
+    tensors = {n: p for n, p in model.named_parameters() if is_adapter_name(n)}
+    tensors.update((n, b) for n, b in model.named_buffers() if is_adapter_name(n))
+    return tensors
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if is_adapter_name(n)}
+    return {n: t.detach() for n, t in adapter_tensors(model).items()}
+
+
+def _current_name(name: str, own: dict[str, torch.Tensor]) -> str:
+    """Checkpoints of mola <= 0.1 name the stacked experts ``<module>.lora_A``; they now live in
+    ``<module>.experts.lora_A``."""
+    if name in own:
+        return name
+    head, _, leaf = name.rpartition(".")
+    moved = f"{head}.experts.{leaf}"
+    return moved if moved in own else name
 
 
 def save_adapter(directory: str, config: dict[str, Any], model: nn.Module) -> None:
@@ -189,9 +206,12 @@ def load_adapter_weights(directory: str, model: nn.Module) -> None:
             (the message names the file).
     """
     path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
-    saved = read_adapter_weights(directory)
-    own = dict(model.named_parameters())
-    expected = {n for n in own if is_adapter_name(n)}
+    own = adapter_tensors(model)
+    saved = {_current_name(n, own): t for n, t in read_adapter_weights(directory).items()}
+    for name in [n for n in saved if n not in own and n.endswith(".router.weight")]:
+        if name.removesuffix("router.weight") + "experts.lora_A" in own:
+            del saved[name]  # mola <= 0.1 gave a single expert a router; it routes nothing
+    expected = set(own)
     missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
     if missing or unexpected:
         raise ValueError(

@@ -10,6 +10,7 @@ from typing import Any
 
 from mola.core.allocation import LayerSpec, allocate, check_spec
 from mola.core.patterns import PATTERN_KEYS, ModuleSpec, check_patterns, match, per_layer
+from mola.experts.base import StructureOptions
 from mola.experts.registry import STRUCTURES, check_structure
 from mola.routing import ROUTERS, build_router, router_class
 from mola.routing.scope import SCOPES
@@ -208,6 +209,10 @@ class MolaConfig:
         """The settings of ``router`` (default: the configured one; its ``option_names``)."""
         names = router_class(router or self.router).option_names
         return {name: getattr(self, name) for name in names if hasattr(self, name)}
+
+    def structure_options(self, top_k: int | None) -> StructureOptions:
+        """The expert structure's own settings for a module with this ``top_k``."""
+        return StructureOptions(top_k, self.a_dropout, self.fly_sparsity, self.balance_bias_rate)
 
     def loss_coef(self, loss: str) -> float:
         """The weight of auxiliary loss ``loss`` (the field ``<loss>_coef``; 0 if none)."""

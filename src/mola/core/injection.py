@@ -92,17 +92,20 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
                     shared = scopes[parent_name] = _share_router(
                         parent, full.rpartition(".")[0], module, config, experts, top_k, options
                     )
+            spec = config.module_spec(full, idx, len(blocks))
             layer = MolaLinear(
                 module,
-                experts,
-                rank,
-                config.lora_alpha,
+                spec.num_experts,
+                spec.r,
+                spec.lora_alpha,
                 config.lora_dropout,
-                top_k,
-                router=config.router,
+                spec.top_k,
+                router=spec.router,
                 top_p=config.top_p,
-                router_options=options,
+                router_options=config.router_options(spec.router),
                 shared=shared,
+                experts_structure=spec.experts_structure,
+                structure_options=config.structure_options(spec.top_k),
             )
             layer.layer_idx, layer.module_name, layer.store = idx, full, store
             setattr(parent, child, layer)

@@ -27,14 +27,14 @@ through the same two calls: ``project(x, router.fused_weight(), dropout)`` and
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.inference.cache import DerivedWeights
+from mola.experts import StructureOptions, check_structure
+from mola.experts.fastpath import DroppedLinear, dropout_mask  # noqa: F401  (re-exported)
 from mola.routing import Router, Routing, build_router
 
 if TYPE_CHECKING:
@@ -61,37 +61,6 @@ def is_supported(module: nn.Module) -> bool:
     except ValueError:
         return False
     return True
-
-
-def dropout_mask(x: Tensor, p: float) -> Tensor:
-    """A boolean keep-mask for ``x``: each element kept with probability ``1 - p``."""
-    return torch.rand_like(x) >= p
-
-
-class DroppedLinear(torch.autograd.Function):
-    """``F.linear(x * keep / (1 - p), weight)`` that saves ``x`` and a boolean mask for backward.
-
-    Plain dropout followed by a linear layer keeps the dropped-out copy of ``x`` (4 bytes per
-    element) alive until backward; the router already keeps ``x`` itself, so saving the 1-byte
-    mask and re-applying it in backward costs one multiply and saves that copy.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, keep: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(x, weight, keep)
-        ctx.scale = scale
-        return F.linear(x * keep * scale, weight)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        x, weight, keep = ctx.saved_tensors
-        grad_x = grad_w = None
-        # under autocast the forward ran in grad's dtype; gradients go back in each input's
-        if ctx.needs_input_grad[0]:
-            grad_x = ((grad @ weight.to(grad.dtype)) * keep * ctx.scale).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad.t() @ (x * keep * ctx.scale).to(grad.dtype)).to(weight.dtype)
-        return grad_x, grad_w, None, None
 
 
 class MolaLinear(nn.Module):
@@ -132,6 +101,8 @@ class MolaLinear(nn.Module):
         *,
         router_options: dict[str, Any] | None = None,
         shared: SharedRouting | None = None,
+        experts_structure: str = "stacked",
+        structure_options: StructureOptions | None = None,
     ) -> None:
         super().__init__()
         d_in, d_out = features(base_layer)
@@ -146,27 +117,32 @@ class MolaLinear(nn.Module):
         self.in_features, self.out_features = d_in, d_out
         self.num_experts, self.r = num_experts, r
         self.scaling = lora_alpha / r
-        kw = {"device": weight.device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, d_in, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, r, **kw))
+        structure = check_structure(experts_structure)
+        if structure_options is None:
+            structure_options = StructureOptions(top_k=top_k)
         self.shared = shared
         own: Router | None = None
+        # a single expert (plain LoRA) and an implicit router (FlyLoRA) have no router at all
+        routed = structure.learned_router and (num_experts > 1 or shared is not None)
+        if shared is not None and (not structure.learned_router or structure.router_reads_h):
+            raise ValueError(
+                f"router_scope: the {experts_structure} structure routes inside each module; "
+                f"use router_scope: module"
+            )
         if shared is not None:
             if shared.router.num_experts != num_experts:
                 raise ValueError(
                     f"num_experts: {num_experts} differs from the shared router's "
                     f"{shared.router.num_experts} experts in {shared.name}"
                 )
-        else:
+        elif routed:
             if isinstance(router, Router):
                 if router.weight is None:  # a template: same rule, own weights
                     top_k, top_p = router.top_k, router.top_p
                     router_options = {**router.options, **(router_options or {})}
                     router = router.name
-                elif router.in_features != d_in:
-                    raise ValueError(
-                        f"router: reads {router.in_features} features, the layer has {d_in}"
-                    )
+                elif router.in_features != (r if structure.router_reads_h else d_in):
+                    raise ValueError(f"router: reads {router.in_features} features, not {d_in}")
             own = router
             if not isinstance(own, Router):  # initialised once here, again below (RNG order)
                 own = build_router(
@@ -174,30 +150,46 @@ class MolaLinear(nn.Module):
                     num_experts,
                     top_k,
                     top_p,
-                    d_in,
+                    r if structure.router_reads_h else d_in,
                     dtype=dtype,
                     device=weight.device,
                     **(router_options or {}),
                 )
         self.router = own
-        self.reset_parameters()  # the random stream of mola <= 0.1: router, A, router again
+        # the random stream of mola <= 0.1: router, A, router again
+        self.experts = structure(
+            d_in, d_out, num_experts, r, lora_alpha, structure_options,
+            device=weight.device, dtype=dtype,
+        )  # fmt: skip
+        if self.router is not None:
+            self.router.reset_parameters()
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.disabled = False
         self.layer_idx: int | None = None
         self.module_name = ""
         self.store: RouterLogitsStore | None = None
-        # weights derived for the no-grad path, rebuilt when a source parameter changes
-        self._fused_a, self._b_rows = DerivedWeights(), DerivedWeights()
-
-    def train(self, mode: bool = True) -> MolaLinear:
-        self._fused_a.clear()
-        self._b_rows.clear()
-        return super().train(mode)
+        # weights derived for the no-grad path (kept by the experts, see Experts.project)
+        self._fused_a, self._b_rows = self.experts.fused_cache, self.experts.up_cache
 
     @property
-    def routing(self) -> Router:
-        """The router this layer routes with: its own, or the sub-block's shared one."""
+    def routing(self) -> Router | None:
+        """The router this layer routes with: its own, the sub-block's shared one, or ``None``
+        (one expert, a plain LoRA; or a structure that routes itself, FlyLoRA)."""
         return self.shared.router if self.shared is not None else self.router
+
+    @property
+    def lora_A(self) -> Tensor:
+        """The experts' down-projection tensor (``(E, r, d_in)`` for stacked experts)."""
+        return self.experts.lora_A
+
+    @property
+    def lora_B(self) -> Tensor:
+        """The experts' up-projection tensor (``(E, d_out, r)`` for stacked experts)."""
+        return self.experts.lora_B
+
+    @property
+    def structure(self) -> str:
+        return self.experts.structure
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "routing":  # nn.Module would register it as a submodule
@@ -215,68 +207,61 @@ class MolaLinear(nn.Module):
         self.router = router
 
     def reset_parameters(self) -> None:
-        """``A_e`` and the router as ``nn.Linear`` does (kaiming-uniform, a=sqrt 5); ``B = 0``."""
-        with torch.no_grad():
-            for a in self.lora_A:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            self.lora_B.zero_()
+        """The experts as their structure says (``B = 0``) and the router as ``nn.Linear``."""
+        self.experts.reset_parameters()
         if self.router is not None:
             self.router.reset_parameters()
 
     def router_logits(self, x: Tensor) -> Tensor:
         """Router logits ``(N, E)`` for input ``x`` of shape ``(..., d_in)``."""
         router = self.routing
-        return router(x.reshape(-1, router.in_features).to(router.weight.dtype))
+        if router is None:
+            raise ValueError(f"{self.module_name or 'this layer'} has no learned router")
+        flat = x.reshape(-1, self.in_features).to(router.weight.dtype)
+        if self.experts.router_reads_h:
+            flat = F.linear(flat, self.experts.down_weight())
+        return router(flat)
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        a = self.lora_A.reshape(self.num_experts * self.r, self.in_features)
-        routing, h = self._project(x.reshape(-1, self.in_features).to(a.dtype), a)
-        if self.store is not None and self.store.enabled:
+        flat = x.reshape(-1, self.in_features).to(self.experts.lora_B.dtype)
+        routing, h, gates = self._project(flat)
+        if routing is not None and self.store is not None and self.store.enabled:
             self.store.add(self.layer_idx, self.module_name, routing)
-        return self._mix(result, h, routing.gates)
+        return self.experts.mix(result, h, gates)
 
-    def _project(self, flat: Tensor, a: Tensor) -> tuple[Routing, Tensor]:
-        """The routing of ``x`` and the experts' A side ``h = dropout(x) A^T``.
+    def _project(self, flat: Tensor) -> tuple[Routing | None, Tensor, Tensor]:
+        """The routing of ``x`` (``None`` without a learned router), the experts' down side
+        ``h`` and the dense gates.
 
-        Without dropout and with an own router, one matmul gives the router's rows and ``h``.
+        Without dropout and with an own router reading ``x``, one matmul gives the router's rows
+        and ``h`` (:meth:`mola.experts.Experts.project`).
         """
         p = getattr(self.lora_dropout, "p", 0.0)
-        dropping = self.training and p > 0
-        if dropping:
-            keep = dropout_mask(flat, p)
-            h = DroppedLinear.apply(flat, a, keep, 1.0 / (1.0 - p))
+        experts = self.experts
         if self.shared is not None:
-            return self.shared.current(), h if dropping else F.linear(flat, a)
+            routing = self.shared.current()
+            return routing, experts.project(flat, None, p)[1], routing.gates
         router = self.router
-        if dropping:
-            return router.gate(F.linear(flat, router.fused_weight()), flat), h
-        # inference: [router; A] built once, keyed on the source parameters (inference.cache)
-        params = (*router.fused_sources(), self.lora_A)
-        fused = self._fused_a.get(params, lambda: torch.cat([router.fused_weight(), a]))
-        both = F.linear(flat, fused)
-        rows = fused.shape[0] - a.shape[0]
-        return router.gate(both[:, :rows], flat), both[:, rows:]
-
-    def _mix(self, result: Tensor, h: Tensor, gates: Tensor) -> Tensor:
-        """``result + scaling * sum_e g_e B_e h_e``: gate each expert's r columns, one matmul."""
-        num, rank, d_out = self.num_experts, self.r, self.out_features
-        g = (gates * self.scaling).to(h.dtype)  # (N, E)
-        h = (h.reshape(-1, num, rank) * g.unsqueeze(-1)).reshape(-1, num * rank)
-        w_b = self._b_rows.get(  # [o, e*r+j] = B[e, o, j]; kept as its contiguous transpose
-            (self.lora_B,), lambda: self.lora_B.transpose(0, 1).reshape(d_out, num * rank)
-        )
-        flat = result.reshape(-1, d_out)
-        if flat.dtype == h.dtype:  # fused: result + h @ w_b^T in one kernel
-            return torch.addmm(flat, h, w_b.t()).view(result.shape)
-        return result + F.linear(h, w_b).view(result.shape).to(result.dtype)
+        if router is None:
+            h = experts.project(flat, None, p)[1]
+            if experts.learned_router:  # one expert: a plain LoRA
+                return None, h, h.new_ones(h.shape[0], 1)
+            return None, h, experts.implicit_gates(h)
+        z, h = experts.project(flat, router.fused_weight(), p, router.fused_sources())
+        routing = router.gate(z, h if experts.router_reads_h else flat)
+        if getattr(experts, "biased_routing", False):  # SMoRA: loss-free balancing bias
+            gates, mask = experts.route_biased(routing.logits)
+            routing = Routing(routing.logits, gates, mask, routing.extras)
+        return routing, h, routing.gates
 
     def extra_repr(self) -> str:
         scope = " (shared)" if self.shared is not None else ""
+        router = self.routing.name if self.routing is not None else "none"
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
-            f"r={self.r}, scaling={self.scaling:g}, "
-            f"router={self.routing.name}{scope}"
+            f"r={self.r}, scaling={self.scaling:g}, structure={self.structure}, "
+            f"router={router}{scope}"
         )

@@ -71,11 +71,27 @@ class MolaModel(nn.Module):
         return self.base_model.config
 
     def _routers_by_layer(self) -> dict[int, Router]:
-        """The router of each decoder layer (its first adapted module's), computing its losses."""
+        """The router of each decoder layer (its first routed module's), computing its losses."""
         routers: dict[int, Router] = {}
         for _, layer in self.mola_layers():
-            routers.setdefault(-1 if layer.layer_idx is None else layer.layer_idx, layer.routing)
+            if layer.routing is not None:
+                idx = -1 if layer.layer_idx is None else layer.layer_idx
+                routers.setdefault(idx, layer.routing)
         return routers
+
+    def _layer_groups(self, idx: int) -> list[tuple[Router, list]]:
+        """The routing records of decoder layer ``idx`` grouped by router kind and size: modules
+        with other settings (``module_patterns``) get their own balance loss per group."""
+        groups: dict[tuple, tuple[Router, list]] = {}
+        for name, record in self.router_store.records.get(idx, []):
+            try:
+                router = self.base_model.get_submodule(name).routing
+            except AttributeError:  # a record not named after a module
+                router = None
+            router = router or self._layer_routers[idx]
+            key = (router.name, router.num_experts, router.top_k, router.top_p)
+            groups.setdefault(key, (router, []))[1].append(record)
+        return list(groups.values())
 
     @property
     def loss_names(self) -> list[str]:
@@ -163,18 +179,16 @@ class MolaModel(nn.Module):
         zero = torch.zeros((), device=self._device())
         losses = dict.fromkeys(self.loss_names, zero)
         sync = self.global_router_losses and self.training and is_distributed()
-        for idx, router in self._layer_routers.items():
-            records = self.router_store.layer_records(idx)
-            if not records:
-                continue
-            found = router.layer_losses(records, attention_mask, context, global_batch=sync)
-            for name, value in found.items():
-                losses[name] = losses[name] + value
-            if self.mola_config.router_z_loss_coef > 0:
-                logits = [r.logits for r in records]
-                losses["router_z_loss"] = losses["router_z_loss"] + router_z_loss(
-                    logits, attention_mask, sync
-                )
+        for idx in self._layer_routers:
+            for router, records in self._layer_groups(idx):
+                found = router.layer_losses(records, attention_mask, context, global_batch=sync)
+                for name, value in found.items():
+                    losses[name] = losses[name] + value
+                if self.mola_config.router_z_loss_coef > 0:
+                    logits = [r.logits for r in records]
+                    losses["router_z_loss"] = losses["router_z_loss"] + router_z_loss(
+                        logits, attention_mask, sync
+                    )
         return losses
 
     @contextmanager

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.experts.fastpath import DroppedLinear, add_projection, dropout_mask, gate_columns
+from mola.inference.cache import DerivedWeights
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,13 @@ class Experts(nn.Module):
         self.scaling = lora_alpha / r
         self.options = options or StructureOptions()
         self.factory = {"device": device, "dtype": dtype}
+        # no-grad path: [router; W_down] and W_up built once (mola.inference.cache)
+        self.fused_cache, self.up_cache = DerivedWeights(), DerivedWeights()
+
+    def train(self, mode: bool = True) -> Experts:
+        self.fused_cache.clear()
+        self.up_cache.clear()
+        return super().train(mode)
 
     # -- what a structure defines -----------------------------------------------------------
     block: int = 1
@@ -104,7 +112,11 @@ class Experts(nn.Module):
         return self.r if self.router_reads_h else self.in_features
 
     def project(
-        self, flat: Tensor, router_weight: Tensor | None, dropout: float
+        self,
+        flat: Tensor,
+        router_weight: Tensor | None,
+        dropout: float,
+        router_sources: tuple[Tensor, ...] | None = None,
     ) -> tuple[Tensor | None, Tensor]:
         """Router logits (``None`` without a router) and ``h = W_down dropout(x)``.
 
@@ -118,7 +130,13 @@ class Experts(nn.Module):
             if reads_x:
                 logits = F.linear(flat, router_weight)
         elif reads_x:
-            both = F.linear(flat, torch.cat([router_weight, w]))
+            # keyed on the router's source parameters (its rows may be computed afresh)
+            sources = (*(router_sources or (router_weight,)), *self.parameters(), *self.buffers())
+            if self.training and getattr(self, "a_dropout", 0.0) > 0:  # MoSLD: a fresh mask
+                fused = torch.cat([router_weight, w])
+            else:
+                fused = self.fused_cache.get(sources, lambda: torch.cat([router_weight, w]))
+            both = F.linear(flat, fused)
             e = router_weight.shape[0]
             logits, h = both[:, :e], both[:, e:]
         else:
@@ -130,7 +148,8 @@ class Experts(nn.Module):
     def mix(self, result: Tensor, h: Tensor, gates: Tensor) -> Tensor:
         """``result + scaling * W_up combine(gate_columns(h, gates))``."""
         z = gate_columns(h, gates * self.scaling, self.block)
-        return add_projection(result, self.combine(z), self.up_weight())
+        w_up = self.up_cache.get(tuple(self.parameters()), self.up_weight)
+        return add_projection(result, self.combine(z), w_up)
 
     def delta(self, flat: Tensor, gates: Tensor) -> Tensor:
         """The update alone for ``flat`` (no dropout): ``(N, d_out)``."""
