@@ -322,7 +322,8 @@ def test_module_keys_disambiguate_gpt2_c_proj_and_single_expert_layers():
     report = analyze(model, batches(1))
     first, last = report["layers"][0], report["layers"][-1]
     assert first["num_experts"] == 1 and first["redundancy"] is None
-    assert first["normalised_entropy"] is None and first["load"] == [1.0]
+    # a single expert is a plain LoRA: no router, so no routing statistics
+    assert first["normalised_entropy"] is None and first["load"] is None
     assert last["redundancy"] > 0
     json.dumps(report, allow_nan=False)
 

@@ -139,8 +139,9 @@ class ModuleRedundancy:
 
 
 def module_redundancy(layer: MolaLinear, *, method: str = "auto") -> ModuleRedundancy:
-    """Pairwise distances and norms of one :class:`~mola.layer.MolaLinear`'s expert updates."""
-    a, b = layer.lora_A, layer.lora_B
+    """Pairwise distances and norms of one :class:`~mola.layer.MolaLinear`'s expert updates,
+    ``dW_e = scaling * B_e A_e`` as its structure defines them (:meth:`Experts.factors`)."""
+    a, b = layer.experts.factors()
     return ModuleRedundancy(
         pairwise_expert_distances(a, b, layer.scaling, method=method),
         expert_update_norms(a, b, layer.scaling),

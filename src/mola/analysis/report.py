@@ -408,7 +408,8 @@ def _layer_routers(model: MolaModel) -> dict[int, Router]:
     routers: dict[int, Router] = {}
     for _, layer in model.mola_layers():
         idx = -1 if layer.layer_idx is None else layer.layer_idx
-        routers.setdefault(idx, layer.routing)
+        if layer.routing is not None:  # a plain LoRA or FlyLoRA routes without a router
+            routers.setdefault(idx, layer.routing)
     return routers
 
 
@@ -566,12 +567,13 @@ def build_report(
             else:
                 entry.update(dict.fromkeys(routing_fields))
             modules[key] = entry
+        routed = next((lay.routing for _, _, lay in entries if lay.routing is not None), None)
         item: dict[str, Any] = {
             "layer": idx,
             "num_experts": first.num_experts,
-            "top_k": first.routing.top_k,
-            "router": first.routing.name,
-            "dynamic": bool(first.routing.dynamic),
+            "top_k": routed.top_k if routed is not None else None,
+            "router": routed.name if routed is not None else None,
+            "dynamic": routed is not None and bool(routed.dynamic),
             "r": first.r,
             "redundancy": _num(_nanmean(r.redundancy for r in reds)),
             "mean_expert_norm": _num(_nanmean(float(r.norms.mean()) for r in reds)),

@@ -33,13 +33,19 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def saved_name(name: str) -> str:
+    """The checkpoint name of an adapter tensor: the layer's ``experts`` submodule is a run-time
+    detail, so ``<module>.experts.lora_A`` is saved as ``<module>.lora_A`` (as mola <= 0.1 did)."""
+    return name.replace(".experts.", ".")
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t.detach() for n, t in adapter_tensors(model).items()}
+    """The adapter's tensors under their checkpoint names (:func:`saved_name`)."""
+    return {saved_name(n): t.detach() for n, t in adapter_tensors(model).items()}
 
 
 def _current_name(name: str, own: dict[str, torch.Tensor]) -> str:
-    """Checkpoints of mola <= 0.1 name the stacked experts ``<module>.lora_A``; they now live in
-    ``<module>.experts.lora_A``."""
+    """The model's name of a checkpoint tensor (``<module>.lora_A`` -> ``<module>.experts...``)."""
     if name in own:
         return name
     head, _, leaf = name.rpartition(".")

@@ -263,6 +263,9 @@ class MolaConfig:
                 values[key] = per_layer(spec, num_layers, key)[layer_idx]
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
+        if values["num_experts"] == 1:  # a plain LoRA: no router to check
+            values["top_k"] = values["top_k"] and 1
+            return ModuleSpec(**values)
         try:
             build_router(
                 values["router"],
