@@ -45,10 +45,11 @@ class DroppedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight, keep = ctx.saved_tensors
         grad_x = grad_w = None
+        # under autocast the forward ran in grad's dtype; gradients go back in each input's
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight) * keep * ctx.scale
+            grad_x = ((grad @ weight.to(grad.dtype)) * keep * ctx.scale).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = grad.t() @ (x * keep * ctx.scale)
+            grad_w = (grad.t() @ (x * keep * ctx.scale).to(grad.dtype)).to(weight.dtype)
         return grad_x, grad_w, None, None
 
 
