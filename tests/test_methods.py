@@ -32,6 +32,8 @@ def test_method_trains_end_to_end(name, tiny_llama_dir, data, tmp_path):
     argv += ["--max-steps", "20", "--batch-size", "4", "--logging-steps", "10", "--save-steps"]
     argv += ["0", "--no-eval", "--no-progress", "--cutoff-len", "32", "--output", str(out)]
     argv += ["--experts", "2,3"]  # the tiny model has 2 decoder layers (small and fast)
+    if name == "hilo":  # its ranks are a 4-group spec too
+        argv += ["--r", "2,4"]
     assert main(argv) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     for key, value in METHODS[name].settings.items():

@@ -168,7 +168,7 @@ def test_single_expert_equals_peft_lora():
         peft_base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     ).eval()
     model = get_mola_model(
-        base, MolaConfig(target_modules=targets, num_experts=1, r=4, lora_alpha=8)
+        base, MolaConfig(target_modules=targets, num_experts=1, top_k=1, r=4, lora_alpha=8)
     ).eval()
     assert not any("router" in n for n, _ in model.named_parameters())
     with torch.no_grad():

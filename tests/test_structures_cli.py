@@ -17,23 +17,19 @@ ROWS = [
     {"instruction": "Translate to French.", "input": "hello world", "output": "bonjour le monde"},
 ] * 8
 
-STRUCTURES = {
-    "hydralora": ["--experts-structure", "shared_a", "--experts", "3", "--router", "soft"],
-    "mosld": ["--experts-structure", "shared_a", "--experts", "3", "--a-dropout", "0.1"],
-    "smora": [
-        "--experts-structure",
-        "rankwise",
-        "--r",
-        "8",
-        "--top-k",
-        "2",
-        "--aux-loss-coef",
-        "0",
-    ],  # fmt: skip
-    "flylora": ["--experts-structure", "flylora", "--r", "8", "--top-k", "2", "--dropout", "0"],
-    "comol": ["--experts-structure", "core", "--experts", "4", "--r", "4"],
-    "hilo": ["--experts", "2,4", "--r", "2,4"],
-    "mixlora": ["--experts", "3", "--module-patterns", '{"self_attn\\\\..*": {"num_experts": 1}}'],
+STRUCTURES = {  # the presets (tiny-model sizes where a preset's spec needs 4+ layers)
+    "hydralora": ["--method", "hydralora"],
+    "mosld": ["--method", "mosld"],
+    "smora": ["--method", "smora"],
+    "flylora": ["--method", "flylora"],
+    "comol": ["--method", "comol"],
+    "hilo": ["--method", "hilo", "--experts", "2,4", "--r", "2,4"],
+    "mixlora-layout": [
+        "--experts",
+        "3",
+        "--module-patterns",
+        '{"self_attn\\\\..*": {"num_experts": 1, "top_k": 1}}',
+    ],
 }
 
 

@@ -25,6 +25,22 @@ everything the user gives: defaults < preset < YAML file < flags, so any key can
   authors' defaults).
 * ``adamole``: AdaMoLE (Liu & Luo, COLM 2024): 8 experts, learned threshold capped at ``1/E``,
   balance weight 0.001 (the authors' ``aux_loss_coef``).
+
+Expert structures (:mod:`mola.experts`; each structure's docstring has the formula and the
+open choices):
+
+* ``hydralora``: HydraLoRA: one shared ``A``, 4 ``B`` heads, soft router (all heads weighted by
+  ``softmax(W x)``), rank 4, alpha 32, on the MLP, no balance loss: the authors'
+  ``fine-tuning.sh`` (Clin0212/HydraLoRA).
+* ``mosld``: MoSLD: shared ``A`` with dropout 0.1 on its entries (the paper's rate was not
+  recovered here), 8 heads, top-2, on ``q_proj``/``v_proj`` as the paper applies it.
+* ``smora``: SMoRA: rank 64, 8 active ranks per token, alpha 128 (2r, mola's choice), the
+  loss-free balancing bias instead of the balance loss.
+* ``flylora``: FlyLoRA: rank 32, top-8, alpha 64, no dropout, bias rate 0.001 (the authors'
+  ``run_mmlu.sh``); ``A`` frozen with ``top_k / r`` nonzeros per row.
+* ``comol``: CoMoL: 8 core experts of 8 x 8, top-2 (the expert count and k are mola's choice).
+* ``hilo``: HILO: 2-4-6-8 experts and ranks 2-4-6-8 over four layer groups (the rank setting the
+  paper reports best), top-2.
 """
 
 from __future__ import annotations
@@ -118,6 +134,72 @@ METHODS: dict[str, Method] = {
             "experts above a learned per-token threshold",
             "Liu & Luo, AdaMoLE, COLM 2024, arXiv 2405.00361",
             {"experts": "8", "top_k": "none", "router": "adamole", "aux_loss_coef": 0.001},
+        ),
+        # expert structures (mola.experts)
+        Method(
+            "hydralora",
+            "one shared A, 4 B heads mixed by a soft router, on the MLP",
+            "Tian et al. 2024, HydraLoRA, NeurIPS 2024, arXiv 2404.19245",
+            {
+                "experts_structure": "shared_a",
+                "experts": "4",
+                "r": "4",
+                "alpha": 32.0,
+                "router": "soft",
+                "target_modules": MLP_TARGETS,
+                "aux_loss_coef": 0.0,
+            },
+        ),
+        Method(
+            "mosld",
+            "one shared A with dropout on its entries, 8 B heads, top-2",
+            "Zhao et al. 2025, MoSLD, COLING 2025, arXiv 2412.08946",
+            {
+                "experts_structure": "shared_a",
+                "experts": "8",
+                "top_k": "2",
+                "a_dropout": 0.1,
+                "target_modules": "q_proj,v_proj",
+            },
+        ),
+        Method(
+            "smora",
+            "every rank of a rank-64 LoRA an expert, 8 per token, loss-free balancing",
+            "Zhao et al. 2025, Each Rank Could be an Expert (SMoRA), arXiv 2501.15103",
+            {
+                "experts_structure": "rankwise",
+                "r": "64",
+                "top_k": "8",
+                "alpha": 128.0,
+                "aux_loss_coef": 0.0,
+                "balance_bias_rate": 0.001,
+            },
+        ),
+        Method(
+            "flylora",
+            "frozen sparse random A routes implicitly: top-8 of 32 ranks, only B trained",
+            "Zou et al. 2025, FlyLoRA, NeurIPS 2025, arXiv 2510.08396",
+            {
+                "experts_structure": "flylora",
+                "r": "32",
+                "top_k": "8",
+                "alpha": 64.0,
+                "dropout": 0.0,
+                "aux_loss_coef": 0.0,
+                "balance_bias_rate": 0.001,
+            },
+        ),
+        Method(
+            "comol",
+            "8 r x r core experts between one shared A and B, routed on A x, soft-merged",
+            "Cao et al. 2026, CoMoL, arXiv 2603.00573",
+            {"experts_structure": "core", "experts": "8", "top_k": "2", "r": "8"},
+        ),
+        Method(
+            "hilo",
+            "experts and rank both grow with depth: 2-4-6-8 experts of rank 2-4-6-8",
+            "Cong et al. 2025, Rank Also Matters (HILO), arXiv 2502.03884",
+            {"experts": "2,4,6,8", "r": "2,4,6,8", "top_k": "2"},
         ),
     )
 }
