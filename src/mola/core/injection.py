@@ -102,7 +102,7 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
                 spec.top_k,
                 router=spec.router,
                 top_p=config.top_p,
-                router_options=config.router_options(spec.router),
+                router_options={**config.router_options(spec.router), "share": options["share"]},
                 shared=shared,
                 experts_structure=spec.experts_structure,
                 structure_options=config.structure_options(spec.top_k),
