@@ -194,6 +194,8 @@ class MolaLinear(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "routing":  # nn.Module would register it as a submodule
             self.set_routing(value)
+        elif name in ("lora_A", "lora_B") and "experts" in self._modules:
+            setattr(self.experts, name, value)  # the tensors live in the experts module
         else:
             super().__setattr__(name, value)
 
