@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from models import build
 
-from mola import MolaConfig, get_mola_model
+from mola import MolaConfig, MolaModel, get_mola_model
+from mola.cli import main
 from mola.inference import layer_summary, measure_loads, plan_module, prune_model
+from mola.inference.prune import pruned_patterns
 
 NEVER = "model.layers.1.mlp.down_proj"  # its expert 4 is never in any token's top 2
 TWINS = "model.layers.2.self_attn.q_proj"  # its experts 1 and 3 have the same update
@@ -108,3 +112,77 @@ def test_pruning_a_used_expert_changes_outputs_and_lowers_top_k():
 def test_bad_min_load():
     with pytest.raises(ValueError, match="min-load"):
         prune_model(constructed(), {}, 1.0)
+
+
+def test_pruned_adapter_round_trips(tmp_path):
+    model = constructed()
+    ids = batches(seed=3)[0]["input_ids"]
+    report = prune_model(model, measure_loads(model, batches()), 1e-9, 0.01)
+    patterns = pruned_patterns(model, report)
+    assert len(patterns) == 2
+    config = model.mola_config.to_dict()
+    config["module_patterns"] = {**patterns, **config["module_patterns"]}
+    model.mola_config = MolaConfig.from_dict(config)
+    model.save_pretrained(tmp_path)
+    again = MolaModel.from_pretrained(build("llama")[0], tmp_path).eval()
+    assert dict(again.mola_layers())[NEVER].num_experts == 4
+    with torch.inference_mode():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+ROWS = [
+    {"question": "What color is the sky?", "choices": ["blue", "green"], "answer": "A"},
+    {"question": "Which is heavier?", "choices": ["feather", "brick"], "answer": "brick"},
+    {"question": "How would Alex feel?", "choices": ["happy", "sad"], "answer": "B"},
+    {"question": "Is this sarcastic? area man wins", "choices": ["no", "yes"], "answer": "yes"},
+]
+
+
+def test_prune_cli_end_to_end(tmp_path, tiny_llama_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = get_mola_model(base, MolaConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
+    random_b(model)
+    with torch.no_grad():  # layer 0's q_proj: experts 2 and 3 learned the same update
+        layer = dict(model.mola_layers())["model.layers.0.self_attn.q_proj"]
+        layer.lora_A[3] = layer.lora_A[2]
+        layer.lora_B[3] = layer.lora_B[2]
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "pruned"
+    args = [
+        "prune",
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--min-load",
+        "0",
+        "--merge-threshold",
+        "0.01",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "experts: " in printed and "accuracy" in printed
+    report = json.loads((out / "prune_report.json").read_text())
+    entry = next(e for e in report["modules"] if e["module"].endswith("0.self_attn.q_proj"))
+    assert entry["experts_after"] == 3 and sorted(entry["merged"][0]) == [2, 3]
+    assert set(report["metrics"]) == {"before", "after"}
+    again = MolaModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), out
+    )
+    assert dict(again.mola_layers())["model.layers.0.self_attn.q_proj"].num_experts == 3
+    assert main([*args[:4], str(adapter), *args[5:]]) == 2  # output == adapter
+    assert "must differ" in capsys.readouterr().err

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("mola.commands.sweep", "train a grid of runs (resumable), table mean/std over seeds"),
     "compose": ("mola.commands.compose", "build a mola adapter whose experts are PEFT LoRAs"),
     "allocate": ("mola.commands.allocate", "choose experts and ranks per layer under a budget"),
+    "prune": ("mola.commands.prune", "drop rarely routed experts, merge near-identical ones"),
     "merge": ("mola.commands.merge", "fold plain-LoRA modules into the base model's weights"),
     "methods": ("mola.commands.methods", "list the method presets (mola train --method NAME)"),
 }
