@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mola: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a launcher's process group: close it cleanly
+            from mola.training.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

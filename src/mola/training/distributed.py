@@ -71,6 +71,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Destroy the process group, if one is up, before the interpreter exits.
+
+    Left to interpreter teardown, gloo's background threads can abort a process at exit
+    ("terminate called without an active exception", exit -6) after training succeeded.
+    """
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over all processes, as a new tensor without autograd history.
 
