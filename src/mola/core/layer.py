@@ -228,20 +228,25 @@ class MolaLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        flat = x.reshape(-1, self.in_features).to(self.experts.lora_B.dtype)
+        experts = self.experts
+        flat = x.reshape(-1, self.in_features)
+        dtype = experts.lora_B.dtype
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
         routing, h, gates = self._project(flat)
         if routing is not None and self.store is not None and self.store.enabled:
             self.store.add(self.layer_idx, self.module_name, routing)
-        return self.experts.mix(result, h, gates)
+        return experts.mix(result, h, gates)
 
-    def _project(self, flat: Tensor) -> tuple[Routing | None, Tensor, Tensor]:
+    def _project(self, flat: Tensor) -> tuple[Routing | None, Tensor, Tensor | None]:
         """The routing of ``x`` (``None`` without a learned router), the experts' down side
-        ``h`` and the dense gates.
+        ``h`` and the dense gates (``None``: one expert, gate 1).
 
         Without dropout and with an own router reading ``x``, one matmul gives the router's rows
         and ``h`` (:meth:`mola.experts.Experts.project`).
         """
-        p = getattr(self.lora_dropout, "p", 0.0)
+        dropout = self.lora_dropout
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         experts = self.experts
         if self.shared is not None:
             routing = self.shared.current()
@@ -250,11 +255,11 @@ class MolaLinear(nn.Module):
         if router is None:
             h = experts.project(flat, None, p)[1]
             if experts.learned_router:  # one expert: a plain LoRA
-                return None, h, h.new_ones(h.shape[0], 1)
+                return None, h, None
             return None, h, experts.implicit_gates(h)
         z, h = experts.project(flat, router.fused_weight(), p, router.fused_sources())
         routing = router.gate(z, h if experts.router_reads_h else flat)
-        if getattr(experts, "biased_routing", False):  # SMoRA: loss-free balancing bias
+        if experts.biased_routing:  # SMoRA: loss-free balancing bias
             gates, mask = experts.route_biased(routing.logits)
             routing = Routing(routing.logits, gates, mask, routing.extras)
         return routing, h, routing.gates

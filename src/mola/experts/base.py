@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.experts.fastpath import DroppedLinear, add_projection, dropout_mask, gate_columns
-from mola.inference.cache import DerivedWeights
+from mola.inference.cache import DerivedWeights, cache_allowed, module_tensors
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class Experts(nn.Module):
     rank_experts: ClassVar[bool] = False
     learned_router: ClassVar[bool] = True
     router_reads_h: ClassVar[bool] = False
+    biased_routing: bool = False  # SMoRA's selection bias (a property there)
+    a_dropout: float = 0.0  # MoSLD's dropout on the entries of a shared A
 
     def __init__(
         self,
@@ -122,34 +124,52 @@ class Experts(nn.Module):
 
         Without dropout and with a router that reads ``x``, one matmul gives both.
         """
-        w = self.down_weight()
         reads_x = router_weight is not None and not self.router_reads_h
         logits = None
         if self.training and dropout > 0:
+            w = self.down_weight()
             h = DroppedLinear.apply(flat, w, dropout_mask(flat, dropout), 1.0 / (1.0 - dropout))
             if reads_x:
                 logits = F.linear(flat, router_weight)
         elif reads_x:
-            # keyed on the router's source parameters (its rows may be computed afresh)
-            sources = (*(router_sources or (router_weight,)), *self.parameters(), *self.buffers())
-            if self.training and getattr(self, "a_dropout", 0.0) > 0:  # MoSLD: a fresh mask
-                fused = torch.cat([router_weight, w])
+            if self.training and self.a_dropout > 0:  # MoSLD: a fresh mask at every call
+                fused = torch.cat([router_weight, self.down_weight()])
             else:
-                fused = self.fused_cache.get(sources, lambda: torch.cat([router_weight, w]))
+                # keyed on the router's source parameters (its rows may be computed afresh)
+                sources = (*(router_sources or (router_weight,)), *module_tensors(self))
+                fused = self.fused_cache.get(
+                    sources, lambda: torch.cat([router_weight, self.down_weight()])
+                )
             both = F.linear(flat, fused)
             e = router_weight.shape[0]
             logits, h = both[:, :e], both[:, e:]
         else:
-            h = F.linear(flat, w)
+            h = F.linear(flat, self.down_weight())
         if router_weight is not None and self.router_reads_h:
             logits = F.linear(h, router_weight)
         return logits, h
 
-    def mix(self, result: Tensor, h: Tensor, gates: Tensor) -> Tensor:
-        """``result + scaling * W_up combine(gate_columns(h, gates))``."""
-        z = gate_columns(h, gates * self.scaling, self.block)
-        w_up = self.up_cache.get(tuple(self.parameters()), self.up_weight)
-        return add_projection(result, self.combine(z), w_up)
+    def mix(self, result: Tensor, h: Tensor, gates: Tensor | None) -> Tensor:
+        """``result + scaling * W_up combine(gate_columns(h, gates))`` (``gates`` ``None``: a
+        single expert with gate 1, ``h`` used as it is).
+
+        With gradients off the cached ``W_up`` carries the scale (one kernel less per call)
+        and the update is added to ``result`` in place; with gradients on the scale multiplies
+        the gates, as the graph has always been.
+        """
+        if cache_allowed():
+            w_up = self.up_cache.get(module_tensors(self), self.scaled_up_weight)
+            z = h if gates is None else gate_columns(h, gates, self.block)
+            return add_projection(result, self.combine(z), w_up, inplace=True)
+        if gates is None:
+            z = h * self.scaling
+        else:
+            z = gate_columns(h, gates * self.scaling, self.block)
+        return add_projection(result, self.combine(z), self.up_weight())
+
+    def scaled_up_weight(self) -> Tensor:
+        """``scaling * W_up``, contiguous (the no-grad path's cached up-projection)."""
+        return self.up_weight() * self.scaling
 
     def delta(self, flat: Tensor, gates: Tensor) -> Tensor:
         """The update alone for ``flat`` (no dropout): ``(N, d_out)``."""

@@ -60,13 +60,23 @@ def gate_columns(h: Tensor, gates: Tensor, block: int) -> Tensor:
     experts, giving the outer product ``g ⊗ h``). ``gates`` is ``(N, E)``.
     """
     n = h.shape[0]
-    return (h.view(n, -1, block) * gates.to(h.dtype).unsqueeze(-1)).reshape(n, -1)
+    if gates.dtype != h.dtype:
+        gates = gates.to(h.dtype)
+    return (h.view(n, -1, block) * gates.unsqueeze(-1)).reshape(n, -1)
 
 
-def add_projection(result: Tensor, z: Tensor, w_up: Tensor) -> Tensor:
-    """``result + z @ w_up^T`` in one fused kernel when the dtypes agree."""
+def add_projection(result: Tensor, z: Tensor, w_up: Tensor, inplace: bool = False) -> Tensor:
+    """``result + z @ w_up^T`` in one fused kernel when the dtypes agree.
+
+    ``inplace`` (no-grad only, ``result`` a fresh contiguous output) adds into ``result``
+    itself: the out-of-place ``addmm`` first copies ``result`` into a new tensor.
+    """
     d_out = w_up.shape[0]
     flat = result.reshape(-1, d_out)
     if flat.dtype == z.dtype:
+        # flat is a view of a contiguous result; autocast does not cast in-place ops' inputs
+        if inplace and result.is_contiguous() and w_up.dtype == z.dtype:
+            flat.addmm_(z, w_up.t())
+            return result
         return torch.addmm(flat, z, w_up.t()).view(result.shape)
     return result + F.linear(z, w_up).view(result.shape).to(result.dtype)

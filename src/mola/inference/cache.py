@@ -17,12 +17,26 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def weights_key(params: Sequence[Tensor]) -> tuple:
     """Identity, storage pointer, version, dtype and device of each tensor."""
     return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+
+
+def module_tensors(module: nn.Module) -> tuple[Tensor, ...]:
+    """``module``'s parameters and buffers, its own first, then its children's.
+
+    What ``(*module.parameters(), *module.buffers())`` gives for a small module, without the
+    generators and the de-duplication: this is read at every call on the hot path.
+    """
+    out = [t for t in module._parameters.values() if t is not None]
+    out.extend(t for t in module._buffers.values() if t is not None)
+    for child in module._modules.values():
+        if child is not None:
+            out.extend(module_tensors(child))
+    return tuple(out)
 
 
 def cache_allowed() -> bool:

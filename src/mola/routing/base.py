@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -33,26 +32,60 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-@dataclass
 class Routing:
     """One module's routing decision for ``N`` tokens.
 
     Attributes:
         logits: ``(N, E)`` router scores (what the z-loss and the analysis' entropy read).
         gates: ``(N, E)`` fp32 dense gates, zero where unused.
-        mask: ``(N, E)`` bool, the experts each token uses.
+        mask: ``(N, E)`` bool, the experts each token uses. Only the losses, the analysis and
+            the load measurement read it, so a router that selects by index (``topk``) passes
+            ``indices`` instead and the mask is built on first access: inference never builds it.
+        indices: ``(N, k)`` the selected experts' indices, or ``None``.
         extras: router-specific tensors (a token's sparsegen lambda, a learned threshold, ...).
     """
 
-    logits: Tensor
-    gates: Tensor
-    mask: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    __slots__ = ("logits", "gates", "indices", "extras", "_mask")
+
+    def __init__(
+        self,
+        logits: Tensor,
+        gates: Tensor,
+        mask: Tensor | None = None,
+        extras: dict[str, Tensor] | None = None,
+        *,
+        indices: Tensor | None = None,
+    ) -> None:
+        if mask is None and indices is None:
+            raise ValueError("Routing: give the selection mask or the selected indices")
+        self.logits, self.gates, self.indices = logits, gates, indices
+        self.extras = {} if extras is None else extras
+        self._mask = mask
+
+    @property
+    def mask(self) -> Tensor:
+        if self._mask is None:
+            self._mask = index_mask(self.indices, self.gates.shape[-1])
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: Tensor) -> None:
+        self._mask = value
 
     @property
     def active(self) -> Tensor:
         """``(N,)`` the number of experts each token uses."""
         return self.mask.sum(dim=-1)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.gates.shape)
+        return f"Routing(gates {shape}, extras {sorted(self.extras)})"
+
+
+def index_mask(indices: Tensor, num_experts: int) -> Tensor:
+    """``(N, E)`` boolean mask of the experts in each row of ``indices (N, k)``."""
+    mask = torch.zeros(*indices.shape[:-1], num_experts, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, indices, True)
 
 
 def renormalise(gates: Tensor) -> Tensor:
@@ -68,8 +101,21 @@ def keep(probs: Tensor, mask: Tensor, renorm: bool) -> Tensor:
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Boolean mask of each row's ``k`` largest scores."""
-    idx = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    return index_mask(scores.topk(k, dim=-1).indices, scores.shape[-1])
+
+
+def topk_gates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The renormalised top-``k`` of ``softmax(logits)`` (fp32 dense gates) and the indices.
+
+    Renormalising the kept probabilities cancels the softmax's denominator, so this is the
+    softmax of the ``k`` largest logits, scattered into zeros: three kernels instead of a
+    softmax over all ``E``, a mask, a product, a sum and a division. Softmax is monotone, so the
+    ``k`` largest logits are the ``k`` largest probabilities; the gradients are the same
+    function's (zero for the experts not selected).
+    """
+    values, indices = logits.topk(k, dim=-1)  # bf16 -> fp32 is exact: the same order
+    gates = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    return gates.scatter_(-1, indices, torch.softmax(values, -1, dtype=torch.float32)), indices
 
 
 class Router(nn.Module):

@@ -3,7 +3,8 @@
 ======== ================================================================================
 name     rule
 ======== ================================================================================
-topk     MoLA: keep the ``top_k`` largest ``p``, renormalise them to sum 1
+topk     MoLA: keep the ``top_k`` largest ``p``, renormalise them to sum 1 (computed as the
+         softmax of the ``top_k`` largest logits, which is the same function)
 switch   top-1, gate = its probability (not renormalised), as in the Switch Transformer
 topp     per token, the fewest experts whose cumulative ``p`` reaches ``top_p`` (at least 1,
          at most ``top_k`` when given), renormalised: a dynamic number of experts per token
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mola.routing.base import Router, keep, topk_mask
+from mola.routing.base import Router, Routing, index_mask, keep, topk_gates, topk_mask
 from mola.routing.registry import register
 
 
@@ -35,6 +36,16 @@ class TopKRouter(Router):
     def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
         mask = topk_mask(probs, self.top_k or 1)
         return keep(probs, mask, renorm=True), mask
+
+    def gate(self, z: Tensor, x: Tensor) -> Routing:
+        """The fused gate (:func:`~mola.routing.base.topk_gates`); the mask is built lazily."""
+        logits = z if z.shape[-1] == self.num_experts else z[:, : self.num_experts]
+        gates, indices = topk_gates(logits, self.top_k or 1)
+        return Routing(logits, gates, indices=indices)
+
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        gates, indices = topk_gates(logits, self.top_k or 1)
+        return gates, index_mask(indices, logits.shape[-1])
 
 
 @register
