@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mola.allocators.probe import Batch, step
+from mola.analysis.collect import collect_routing
 from mola.analysis.redundancy import redundancy_stats
-from mola.analysis.report import collect_routing
 from mola.core.model import MolaModel
 
 

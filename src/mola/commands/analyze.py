@@ -20,7 +20,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from mola.analysis.report import DEFAULT_DEAD_THRESHOLD, REPORT_FORMAT
+from mola.analysis.report import REPORT_FORMAT
+from mola.analysis.routing import DEFAULT_DEAD_THRESHOLD
 
 HELP = "routing and expert analysis of a trained adapter (load, entropy, dead experts, redundancy)"
 
@@ -200,7 +201,7 @@ def _print_written(paths: list[str]) -> None:
 
 def _run_single(args: argparse.Namespace) -> int:
     from mola.analysis.plots import save_plots
-    from mola.analysis.report import format_summary
+    from mola.analysis.summary import format_summary
     from mola.utils.io import check_writable_dir
 
     output = args.output or os.path.join(args.adapter, "analysis")
@@ -273,7 +274,7 @@ def _legend_labels(reports: list[dict[str, Any]]) -> list[str]:
 def _compare_table(
     runs: list[tuple[str, dict[str, Any]]], field: str, spec: str, caption: str
 ) -> str:
-    from mola.analysis.report import format_table
+    from mola.analysis.summary import format_table
 
     layers = sorted({item["layer"] for _, report in runs for item in report["layers"]})
     by_layer = [{item["layer"]: item for item in report["layers"]} for _, report in runs]

@@ -81,7 +81,7 @@ def _evaluate(model: Any, tokenizer: Any, examples: list, template: str, args: A
 
 
 def run(args: argparse.Namespace) -> int:
-    from mola.analysis.report import encode_batches
+    from mola.analysis.collect import encode_batches
     from mola.core.config import MolaConfig
     from mola.data.datasets import limit_examples, load_examples
     from mola.data.prompts import DEFAULT_TEMPLATE
