@@ -172,9 +172,9 @@ class MolaModel(nn.Module):
         """Unweighted auxiliary losses by name, each summed over layers, from the collected
         routing: ``aux_loss`` (load balancing), ``router_z_loss`` and the router's own.
 
-        In training mode with several processes (``torch.distributed``), the load-balancing and
-        z losses are computed over the global batch: one all-reduce per layer, so every process
-        must run the same forward. (The routers' own losses are per process.)
+        In training mode with several processes (``torch.distributed``), every loss (load
+        balancing, z-loss and the routers' own) is computed over the global batch: a few
+        all-reduces per layer, so every process must run the same forward.
         """
         zero = torch.zeros((), device=self._device())
         losses = dict.fromkeys(self.loss_names, zero)

@@ -75,8 +75,11 @@ class AdaMoLERouter(Router):
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
         context: Mapping[str, Tensor] | None = None,
-        global_batch: bool = False,  # per process (see Router.layer_losses)
+        global_batch: bool = False,
     ) -> dict[str, Tensor]:
         masks = [r.mask for r in records]
         shifted = [r.extras["shifted"] for r in records]
-        return {"aux_loss": share_balance_loss(masks, shifted, attention_mask, normalise=False)}
+        loss = share_balance_loss(
+            masks, shifted, attention_mask, normalise=False, global_batch=global_batch
+        )
+        return {"aux_loss": loss}

@@ -219,8 +219,10 @@ class Router(nn.Module):
             records: the routing of each of the layer's adapted modules in this forward.
             attention_mask: ``(B, T)``; padding rows are left out.
             context: batch-level tensors (``group``: each example's type, for LoRAMoE).
-            global_batch: take the statistics over all processes (data parallelism); the
-                routers that support it say so, the others compute per process.
+            global_batch: take the statistics over all processes (data parallelism): every
+                router's losses are then those of the global batch, with gradients scaled so
+                that N processes step like one holding the whole batch (see
+                :func:`mola.training.distributed.global_sums`).
         """
         from mola.routing.losses import load_balancing_loss
 

@@ -84,14 +84,19 @@ class DynMoLERouter(Router):
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
         context: Mapping[str, Tensor] | None = None,
-        global_batch: bool = False,  # per process (see Router.layer_losses)
+        global_batch: bool = False,
     ) -> dict[str, Tensor]:
         gates = [r.gates for r in records]
         probs = [torch.softmax(r.logits.float(), dim=-1) for r in records]
         entropy = torch.cat([r.extras["entropy"] for r in records])
         return {
             "aux_loss": share_balance_loss(
-                gates, probs, attention_mask, normalise=False, count=False
+                gates,
+                probs,
+                attention_mask,
+                normalise=False,
+                count=False,
+                global_batch=global_batch,
             ),
-            "entropy_loss": masked_mean(entropy, attention_mask, len(records)),
+            "entropy_loss": masked_mean(entropy, attention_mask, len(records), global_batch),
         }

@@ -13,6 +13,11 @@ does not (``1`` for an example without a type), the loss is ``Var(Z) / Mean(Z)``
 entries of ``Z = I * Q`` (population variance). ``lbc_loss`` averages it over the layer's
 modules; its weight is ``lbc_loss_coef``, ``delta`` is ``lbc_delta`` (0.1 in the paper).
 Without types it reduces to balancing the experts' importance across examples and experts.
+The loss is per batch, not per example: ``Z`` has a row per example and the variance runs over
+all its entries. Under data parallelism (``global_batch``) ``Z`` is the matrix of the *global*
+batch, every process's examples stacked (the sums of ``Z`` and ``Z^2`` all-reduced), so
+N processes with batch b compute the loss one process computes with batch N*b; the
+coefficients ``I`` still come from each example's own type.
 The softmax load-balancing loss (``aux_loss``) is kept with its usual weight (the ``loramoe``
 preset sets it to 0, as the paper uses only the constraint).
 """
@@ -27,6 +32,7 @@ from torch import Tensor
 from mola.routing.base import Routing
 from mola.routing.registry import register
 from mola.routing.simple import SoftRouter
+from mola.training.distributed import global_sums
 
 
 def expert_groups(num_experts: int, groups: int) -> Tensor:
@@ -35,7 +41,7 @@ def expert_groups(num_experts: int, groups: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(groups), torch.tensor(sizes))
 
 
-def localized_balance_loss(
+def importance(
     gates: Tensor,
     batch: int,
     group: Tensor | None,
@@ -43,7 +49,7 @@ def localized_balance_loss(
     groups: int,
     delta: float,
 ) -> Tensor:
-    """``Var(I * Q) / Mean(I * Q)`` of one module (see the module docstring)."""
+    """``Z = I * Q`` ``(B, E)`` of one module: each example's weighted importance per expert."""
     e = gates.shape[-1]
     g = gates.float().reshape(batch, -1, e)
     if attention_mask is not None:
@@ -56,8 +62,36 @@ def localized_balance_loss(
         match = group[:, None] == owner[None, :]
         typed = (group >= 0)[:, None]
         coef = torch.where(typed, torch.where(match, 1.0 + delta, 1.0 - delta), coef)
-    z = coef * q
-    return z.var(unbiased=False) / z.mean().clamp_min(1e-9)
+    return coef * q
+
+
+def variance_over_mean(z: Sequence[Tensor], global_batch: bool = False) -> Tensor:
+    """``Var(Z) / Mean(Z)`` (population variance) of each module's ``Z``, averaged over modules.
+
+    Computed from the sums of ``Z`` and ``Z^2`` in fp64 (the variance of nearly equal entries
+    is a small difference of large sums); ``global_batch``: those sums and the entry count are
+    taken over all processes, so ``Z`` is the importance matrix of the whole global batch.
+    """
+    zs = [t.double() for t in z]
+    sums = torch.stack([torch.stack([t.sum(), t.square().sum()]) for t in zs])  # (M, 2)
+    count = torch.tensor([float(zs[0].numel())], device=sums.device, dtype=sums.dtype)
+    if global_batch:
+        sums, count = global_sums(sums, count)
+    mean = sums[:, 0] / count
+    var = (sums[:, 1] / count - mean.square()).clamp_min(0.0)
+    return (var / mean.clamp_min(1e-9)).mean().float()
+
+
+def localized_balance_loss(
+    gates: Tensor,
+    batch: int,
+    group: Tensor | None,
+    attention_mask: Tensor | None,
+    groups: int,
+    delta: float,
+) -> Tensor:
+    """``Var(I * Q) / Mean(I * Q)`` of one module (see the module docstring)."""
+    return variance_over_mean([importance(gates, batch, group, attention_mask, groups, delta)])
 
 
 @register
@@ -75,7 +109,7 @@ class LoRAMoERouter(SoftRouter):
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
         context: Mapping[str, Tensor] | None = None,
-        global_batch: bool = False,  # the balance loss is global, the constraint per process
+        global_batch: bool = False,
     ) -> dict[str, Tensor]:
         out = super().layer_losses(records, attention_mask, context, global_batch)
         group = (context or {}).get("group")
@@ -85,9 +119,6 @@ class LoRAMoERouter(SoftRouter):
             batch = group.shape[0] if group is not None else 1
         groups = int(self.options.get("lbc_groups", 2))
         delta = float(self.options.get("lbc_delta", 0.1))
-        terms = [
-            localized_balance_loss(r.gates, batch, group, attention_mask, groups, delta)
-            for r in records
-        ]
-        out["lbc_loss"] = torch.stack(terms).mean()
+        z = [importance(r.gates, batch, group, attention_mask, groups, delta) for r in records]
+        out["lbc_loss"] = variance_over_mean(z, global_batch)
         return out

@@ -108,13 +108,25 @@ def _stack(logits: Sequence[Tensor], attention_mask: Tensor | None) -> tuple[Ten
     return z, flat.repeat(len(rows))
 
 
-def masked_mean(values: Tensor, attention_mask: Tensor | None, repeats: int = 1) -> Tensor:
-    """Mean of per-row ``values`` (rows = ``repeats`` modules x tokens), padding left out."""
+def masked_mean(
+    values: Tensor, attention_mask: Tensor | None, repeats: int = 1, global_batch: bool = False
+) -> Tensor:
+    """Mean of per-row ``values`` (rows = ``repeats`` modules x tokens), padding left out.
+
+    ``global_batch``: the mean over the rows of all processes (the sum and the row count
+    all-reduced), with the gradient scaled as in :func:`load_balancing_loss`.
+    """
+    v = values.float()
     if attention_mask is None:
-        return values.float().mean()
-    keep = attention_mask.reshape(-1).to(device=values.device, dtype=torch.float32)
-    keep = keep.repeat(repeats)
-    return (values.float() * keep).sum() / keep.sum().clamp_min(1)
+        total, rows = v.sum(), torch.tensor(float(v.numel()), device=v.device)
+    else:
+        keep = attention_mask.reshape(-1).to(device=v.device, dtype=torch.float32)
+        keep = keep.repeat(repeats)
+        total, rows = (v * keep).sum(), keep.sum()
+    if global_batch:
+        total, rows = global_sums(total.reshape(1), rows.reshape(1))
+        total, rows = total[0], rows[0]
+    return total / rows.clamp_min(1)
 
 
 def share_balance_loss(
@@ -124,6 +136,7 @@ def share_balance_loss(
     *,
     normalise: bool,
     count: bool = True,
+    global_batch: bool = False,
 ) -> Tensor:
     """``E * sum_i f_i P_i`` from explicit per-row assignments and probabilities.
 
@@ -131,6 +144,9 @@ def share_balance_loss(
     layer's modules are stacked; ``P_i`` is the mean of ``probs[:, i]`` over rows and ``f_i`` the
     mean of ``assign[:, i]`` (``count``: of ``assign != 0``), divided by its sum over experts
     when ``normalise`` (then ``sum_i f_i = 1``). Padding rows are left out.
+
+    ``global_batch``: the sums of ``assign`` and ``probs`` and the row count are taken over all
+    processes (one all-reduce), the gradient scaled as in :func:`load_balancing_loss`.
     """
     a = torch.cat([t.reshape(-1, t.shape[-1]) for t in assign]).float()
     p = torch.cat([t.reshape(-1, t.shape[-1]) for t in probs]).float()
@@ -140,9 +156,14 @@ def share_balance_loss(
         keep = attention_mask.reshape(-1).to(device=a.device, dtype=torch.float32)
         keep = keep.repeat(len(assign))[:, None]
         a, p = a * keep, p * keep
-        rows = keep.sum().clamp_min(1)
+        rows = keep.sum()
     else:
         rows = torch.tensor(float(a.shape[0]), device=a.device)
-    f = a.sum(dim=0)
-    f = f / f.sum().clamp_min(1e-9) if normalise else f / rows
-    return a.shape[-1] * (f * (p.sum(dim=0) / rows)).sum()
+    e = a.shape[-1]
+    a_sum, p_sum = a.sum(dim=0), p.sum(dim=0)
+    if global_batch:
+        sums, rows = global_sums(torch.cat([a_sum, p_sum]), rows.reshape(1))
+        a_sum, p_sum, rows = sums[:e], sums[e:], rows[0]
+    rows = rows.clamp_min(1)
+    f = a_sum / a_sum.sum().clamp_min(1e-9) if normalise else a_sum / rows
+    return e * (f * (p_sum / rows)).sum()

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mola.routing.base import Router, Routing
 from mola.routing.registry import register
+from mola.training.distributed import global_sums
 
 
 @register
@@ -48,17 +49,23 @@ class ReLURouter(Router):
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
         context: Mapping[str, Tensor] | None = None,
-        global_batch: bool = False,  # per process (see Router.layer_losses)
+        global_batch: bool = False,
     ) -> dict[str, Tensor]:
         g = torch.cat([r.gates.reshape(-1, r.gates.shape[-1]) for r in records]).float()
         if attention_mask is not None:
             keep = attention_mask.reshape(-1).to(device=g.device, dtype=torch.float32)
             g = g * keep.repeat(len(records))[:, None]
-            rows = keep.sum().clamp_min(1) * len(records)
+            rows = keep.sum() * len(records)
         else:
             rows = torch.tensor(float(g.shape[0]), device=g.device)
-        mean_gate = g.sum(dim=0) / rows
+        gate_sum, active = g.sum(dim=0), (g > 0).float().sum(dim=0)
+        if global_batch:  # sums over the global batch (see load_balancing_loss)
+            gate_sum, plain = global_sums(gate_sum, torch.cat([active, rows.reshape(1)]))
+            active, rows = plain[:-1], plain[-1]
+        rows = rows.clamp_min(1)
+        mean_gate = gate_sum / rows
+        zero = g.new_zeros(())
         if self.top_k is None:
-            return {"l1_loss": mean_gate.sum(), "aux_loss": g.new_zeros(())}
-        f = self.num_experts / self.top_k * ((g > 0).float().sum(dim=0) / rows)
-        return {"l1_loss": (f.detach() * mean_gate).sum(), "aux_loss": g.new_zeros(())}
+            return {"l1_loss": mean_gate.sum(), "aux_loss": zero}
+        f = self.num_experts / self.top_k * (active / rows)
+        return {"l1_loss": (f.detach() * mean_gate).sum(), "aux_loss": zero}

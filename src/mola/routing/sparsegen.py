@@ -139,14 +139,20 @@ class SparsegenRouter(Router):
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
         context: Mapping[str, Tensor] | None = None,
-        global_batch: bool = False,  # per process (see Router.layer_losses)
+        global_batch: bool = False,
     ) -> dict[str, Tensor]:
         gates = [r.gates for r in records]
-        out = {"aux_loss": share_balance_loss(gates, gates, attention_mask, normalise=True)}
+        out = {
+            "aux_loss": share_balance_loss(
+                gates, gates, attention_mask, normalise=True, global_batch=global_batch
+            )
+        }
         k = self.top_k
         if k is not None and k < self.num_experts:
             terms = [F.relu(sparsity_bound(r.logits, k) - r.extras["lambda"]) for r in records]
-            out["sparsity_loss"] = masked_mean(torch.cat(terms), attention_mask, len(records))
+            out["sparsity_loss"] = masked_mean(
+                torch.cat(terms), attention_mask, len(records), global_batch
+            )
         else:
             out["sparsity_loss"] = gates[0].new_zeros(())
         return out

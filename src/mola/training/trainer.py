@@ -171,7 +171,7 @@ class MolaTrainer(Trainer):
             sums = torch.tensor(list(self._sums.values()), dtype=torch.float64)
             lm = distributed.all_reduce_sum(sums.to(self.args.device))[0]  # per-process shares
             logs["lm_loss"] = round(float(lm) / self._log_span, 6)
-            for name, total in self._sums.items():  # router losses: global (aux) or per process
+            for name, total in self._sums.items():  # router losses: already global
                 if name != "lm_loss":
                     logs[name] = round(total / self._log_span, 6)
             self._sums = dict.fromkeys(self._sums, 0.0)
