@@ -7,12 +7,15 @@ User errors (bad flags, bad files, a ``ValueError`` or ``OSError`` raised with a
 message) end with exactly one line ``mola: error: ...`` on stderr and exit status 2, with or
 without ``--debug`` (which adds the traceback above that line). Any other exception is a bug in
 mola: Python's traceback and exit status 1.
+A closed stdout (``mola sweep FILE --list | head -3``) is no error: mola stops quietly with
+exit status 141 (128 + SIGPIPE), like other command-line tools.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from typing import NoReturn
@@ -74,7 +77,34 @@ def error_line(err: BaseException) -> str:
     return f"mola: error: {text or type(err).__name__}"
 
 
+PIPE_CLOSED_STATUS = 141
+"""Exit status when the reader of stdout went away (``mola ... | head``): 128 + SIGPIPE, as a
+command killed by SIGPIPE reports in a shell."""
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a test's replaced stdout)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a closed stdout (``mola ... | head``) ends quietly with status 141."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # flush here so a pipe closed early is seen now, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return PIPE_CLOSED_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -92,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(argv[0]).parse_args(argv[1:])
         return int(args._run(args) or 0)
+    except BrokenPipeError:  # the reader of stdout went away: not a user error (see main)
+        raise
     except USER_ERRORS as err:
         if debug:
             traceback.print_exc()
