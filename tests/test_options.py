@@ -137,3 +137,21 @@ def test_structure_and_module_patterns_from_yaml_and_flags(tmp_path):
     assert flag.mola_config().module_patterns == {"q_proj": {"r": 4}}
     with pytest.raises(ValueError, match="^--module-patterns: invalid JSON"):
         options_from_args(parse(["--module-patterns", "{q_proj"])).mola_config()
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "allocate"])
+@pytest.mark.parametrize("flag", ["--r", "--rank"])
+def test_rank_flag_and_its_alias(command, flag):
+    from mola.cli import build_parser
+
+    args = build_parser(command).parse_args([flag, "4,4,8,8"])
+    assert args.r == "4,4,8,8"
+    assert options_from_args(args).r == "4,4,8,8"
+
+
+def test_torchrun_passes_rank_to_the_script():
+    """``--rank`` reaches mola through torchrun's parser (``--r`` is one of its abbreviations)."""
+    from torch.distributed.run import get_args_parser
+
+    launched = get_args_parser().parse_args(["mola", "train", "--rank", "4", "--output", "o"])
+    assert launched.training_script_args == ["train", "--rank", "4", "--output", "o"]

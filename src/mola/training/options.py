@@ -48,7 +48,7 @@ class TrainOptions:
     # MoLA
     experts: str = _opt("inverted-triangle", "experts per layer: N, '2,4,6,8' or a shape name")
     top_k: str = _opt("2", "experts per token (layer spec)")
-    r: str = _opt("8", "LoRA rank of each expert (layer spec)")
+    r: str = _opt("8", "LoRA rank of each expert (layer spec)", aliases=("--rank",))
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / r")
     dropout: float = _opt(0.05, "LoRA dropout")
     router: str = _opt("topk", "router", choices=tuple(ROUTERS))
@@ -275,21 +275,23 @@ def add_option_flags(
     """One flag per field; defaults are left unset so a config file can fill them.
 
     ``defaults`` overrides the dataclass defaults shown in ``--help`` (``mola demo``'s recipe).
+    A field's ``aliases`` metadata adds other spellings of its flag: ``--rank`` for ``--r``,
+    which ``torchrun`` would otherwise take as an abbreviation of one of its own options.
     """
     parser.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
         kind = _type_of(f)
         meta = f.metadata
+        flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
         default = (defaults or {}).get(f.name, f.default)
         help_ = f"{meta.get('help', '')} (default: {default})"
         if kind is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_
+                *flags, action=argparse.BooleanOptionalAction, default=None, help=help_
             )
         else:
             parser.add_argument(
-                flag,
+                *flags,
                 type=kind,
                 default=None,
                 choices=meta.get("choices"),
