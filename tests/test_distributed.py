@@ -182,3 +182,33 @@ def test_global_balance_loss_without_process_group_is_the_local_one():
         local = fn(logits, *extra, mask)
         glob = fn(logits, *extra, mask, global_batch=True)
         assert torch.equal(local, glob)
+
+
+def test_demo_under_torchrun_trains_data_parallel_and_reports_once(tiny_llama_dir, tmp_path):
+    """``mola demo`` (train + eval before/after) under torchrun: rank 0 alone prints and writes."""
+    rows = [
+        {"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": "AB"[i % 2]}
+        for i in range(8)
+    ]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "demo"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launch += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    demo = ["demo", "--model", str(tiny_llama_dir), "--data", str(data), "--eval-data", str(data)]
+    demo += ["--output", str(out), "--experts", "2,3", "--rank", "4", "--max-steps", "2"]
+    demo += ["--batch-size", "2", "--eval-batch-size", "8", "--logging-steps", "1", "--no-progress"]
+    proc = run([*launch, mola_script(), *demo])
+    lines = proc.stdout.splitlines()
+    assert [line for line in lines if line.startswith("mola: training")] == [
+        "mola: training data-parallel on 2 processes (gloo, cpu, fp32); global batch 4 = 2 per "
+        "device x 2 processes x 1 accumulation step"
+    ], lines
+    banners = [line for line in lines if line.startswith("mola demo:")]
+    assert len(banners) == 1 and "experts 2,3" in banners[0] and "r 4" in banners[0], lines
+    assert sum(line.startswith("accuracy: ") for line in lines) == 1, lines
+    assert proc.stdout.count("adapter, metrics.json and logs in") == 1, lines
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"zero_shot", "fine_tuned"} <= metrics.keys()
+    assert len(step_logs(out)) == 2  # --logging-steps 1: one row per optimizer step

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from mola.training.distributed import is_main_process
 from mola.training.options import add_option_flags, options_from_args
 from mola.training.pipeline import run_training, summary
 
@@ -40,11 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train and evaluate; under ``torchrun`` / ``accelerate launch`` training is data-parallel
+    and only the main process (global rank 0) prints, evaluates and writes (as ``mola train``)."""
     opts = options_from_args(args, **DEMO_RECIPE)
-    print(
-        f"mola demo: {opts.model} on {opts.task}, experts {opts.experts}, top-{opts.top_k}, "
-        f"r {opts.r}, {opts.max_steps} steps of {opts.batch_size}"
-    )
+    main = is_main_process()
+    if main:
+        print(
+            f"mola demo: {opts.model} on {opts.task}, experts {opts.experts}, top-{opts.top_k}, "
+            f"r {opts.r}, {opts.max_steps} steps of {opts.batch_size}"
+        )
     results = run_training(opts)
-    print(summary(results))
+    if results.get("main_process", True):
+        print(summary(results))
     return 0
