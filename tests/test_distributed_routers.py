@@ -21,7 +21,7 @@ ROUTERS = {  # router: its flags; each loss weight large enough to matter
     "loramoe": ["--lbc-loss-coef", "0.5", "--aux-loss-coef", "0"],
 }
 LOGGED = {
-    "relu": ["l1_loss"],
+    "relu": ["l1_loss_coef", "l1_sparsity", "l1_loss"],
     "ldmole": ["aux_loss", "sparsity_loss"],
     "adamole": ["aux_loss"],
     "dynmole": ["aux_loss", "entropy_loss"],

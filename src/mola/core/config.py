@@ -154,6 +154,9 @@ class MolaConfig:
         default=None, metadata={"help": "adamole: threshold cap (default 1 / num_experts)"}
     )
     l1_loss_coef: float = field(default=0.0, metadata={"help": "relu: weight of the L1 loss"})
+    l1_loss_alpha: float = field(
+        default=1.2, metadata={"help": "relu: ReMoE's per-step factor on l1_loss_coef (1: fixed)"}
+    )
     lbc_groups: int = field(default=2, metadata={"help": "loramoe: expert groups (data types)"})
     lbc_delta: float = field(default=0.1, metadata={"help": "loramoe: localized balancing delta"})
     lbc_loss_coef: float = field(
@@ -197,6 +200,8 @@ class MolaConfig:
         for name in ("sparsity_loss_coef", "entropy_loss_coef", "l1_loss_coef", "lbc_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.l1_loss_alpha >= 1.0:
+            raise ValueError(f"l1_loss_alpha: must be >= 1 (1: fixed), got {self.l1_loss_alpha}")
         if self.lbc_groups < 1 or not 0.0 <= self.lbc_delta < 1.0:
             raise ValueError("lbc_groups / lbc_delta: need lbc_groups >= 1 and 0 <= lbc_delta < 1")
         if self.router_scope not in SCOPES:

@@ -28,6 +28,7 @@ from mola.core.config import MolaConfig
 from mola.core.injection import inject
 from mola.core.layer import MolaLinear
 from mola.routing import Router, router_z_loss
+from mola.routing.adaptive_l1 import AdaptiveL1
 from mola.training.distributed import is_distributed
 
 
@@ -55,6 +56,7 @@ class MolaModel(nn.Module):
         self.logits_only_where_labelled = False
         self._head_takes_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._layer_routers = self._routers_by_layer()
+        self.l1_schedule = self._adaptive_l1()
 
     # -- delegation -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -78,6 +80,28 @@ class MolaModel(nn.Module):
                 idx = -1 if layer.layer_idx is None else layer.layer_idx
                 routers.setdefault(idx, layer.routing)
         return routers
+
+    def _adaptive_l1(self) -> AdaptiveL1 | None:
+        """ReMoE's adaptive L1 weight, for models with ReLU routers that have a target ``k``.
+
+        The Trainer calls its ``step()`` after every optimizer step; ``loss_coef('l1_loss')``
+        is its current value (``l1_loss_coef`` is the start, ``l1_loss_alpha`` the multiplier).
+        """
+        relu = [
+            layer.routing
+            for _, layer in self.mola_layers()
+            if layer.routing is not None and layer.routing.name == "relu"
+        ]
+        if not relu or all(r.top_k is None for r in relu):
+            return None
+        cfg = self.mola_config
+        return AdaptiveL1(cfg.l1_loss_coef, cfg.l1_loss_alpha)
+
+    def loss_coef(self, name: str) -> float:
+        """The weight of auxiliary loss ``name`` now (the config's, or the adaptive L1 one)."""
+        if name == "l1_loss" and self.l1_schedule is not None:
+            return self.l1_schedule.coef
+        return self.mola_config.loss_coef(name)
 
     def _layer_groups(self, idx: int) -> list[tuple[Router, list]]:
         """The routing records of decoder layer ``idx`` grouped by router kind and size: modules
@@ -133,10 +157,9 @@ class MolaModel(nn.Module):
             losses = self.router_losses(kwargs.get("attention_mask"), context)
             if not capturing:
                 store.clear()
-            cfg = self.mola_config
             total = output.loss
             for name, value in losses.items():
-                total = total + cfg.loss_coef(name) * value
+                total = total + self.loss_coef(name) * value
             output = with_router_losses(output, lm_loss=output.loss, **losses)
             output["loss"] = total
         return output
@@ -179,8 +202,11 @@ class MolaModel(nn.Module):
         zero = torch.zeros((), device=self._device())
         losses = dict.fromkeys(self.loss_names, zero)
         sync = self.global_router_losses and self.training and is_distributed()
+        schedule = self.l1_schedule if self.training and torch.is_grad_enabled() else None
         for idx in self._layer_routers:
             for router, records in self._layer_groups(idx):
+                if schedule is not None and router.name == "relu" and router.top_k is not None:
+                    schedule.observe(idx, records, router.num_experts, router.top_k, attention_mask)
                 found = router.layer_losses(records, attention_mask, context, global_batch=sync)
                 for name, value in found.items():
                     losses[name] = losses[name] + value

@@ -11,9 +11,11 @@ output; the L1 term keeps the gates sparse, not the routing rule.
 ``l1_loss`` (weight ``l1_loss_coef``) is the paper's load-balanced L1:
 ``sum_e f_e * mean_t g_{t,e}`` with ``f_e = E / (k T) * #{t: g_{t,e} > 0}`` (detached; ``k``
 = ``top_k``, the target number of active experts); without ``top_k`` it is the plain L1
-``mean_t sum_e g_{t,e}``. Open choice: the paper adapts the L1 weight during training
-(multiplying it by 1.2 towards the target sparsity ``1 - k/E``); mola keeps ``l1_loss_coef``
-fixed. There is no softmax load-balancing loss (``aux_loss`` is 0).
+``mean_t sum_e g_{t,e}``. Its weight adapts during training as in the paper (its adaptive L1
+regularisation, :mod:`mola.routing.adaptive_l1`): ``l1_loss_coef`` is the starting weight, times
+``l1_loss_alpha`` (1.2) after each step whose gates were denser than ``1 - k/E`` and divided by
+it otherwise (``l1_loss_alpha: 1`` keeps it fixed; without ``top_k`` there is no target and the
+weight stays fixed). There is no softmax load-balancing loss (``aux_loss`` is 0).
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ class TrainOptions:
     entropy_loss_coef: float = _opt(0.0, "dynmole: weight of the Tsallis entropy loss")
     max_threshold: float | None = _opt(None, "adamole: threshold cap (default 1 / experts)")
     l1_loss_coef: float = _opt(0.0, "relu: weight of the (load-balanced) L1 loss")
+    l1_loss_alpha: float = _opt(1.2, "relu: ReMoE's per-step multiplier of the L1 weight; 1: fixed")
     lbc_groups: int = _opt(2, "loramoe: expert groups, one per data 'group' value")
     lbc_delta: float = _opt(0.1, "loramoe: localized balancing delta")
     lbc_loss_coef: float = _opt(0.0, "loramoe: weight of the localized balancing loss")
@@ -156,6 +157,7 @@ class TrainOptions:
         check_number("--alpha", self.alpha, low=0.0, low_open=True)
         check_number("--dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_number("--top-p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_number("--l1-loss-alpha", self.l1_loss_alpha, low=1.0)
         check_number("--aux-loss-coef", self.aux_loss_coef, low=0.0)
         check_number("--router-z-loss-coef", self.router_z_loss_coef, low=0.0)
         items = [t.strip() for t in str(self.target_modules).split(",")]
@@ -216,6 +218,7 @@ class TrainOptions:
             entropy_loss_coef=self.entropy_loss_coef,
             max_threshold=self.max_threshold,
             l1_loss_coef=self.l1_loss_coef,
+            l1_loss_alpha=self.l1_loss_alpha,
             lbc_groups=self.lbc_groups,
             lbc_delta=self.lbc_delta,
             lbc_loss_coef=self.lbc_loss_coef,

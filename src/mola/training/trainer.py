@@ -17,20 +17,24 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, Sampler
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from mola.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_adapter_name, load_adapter_weights
 from mola.core.model import MolaModel
+from mola.routing.adaptive_l1 import AdaptiveL1
 from mola.training import distributed
 from mola.training.options import TrainOptions
 from mola.utils.io import atomic_write, write_json
@@ -98,6 +102,17 @@ def count_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels[..., 1:].ne(-100).sum()
 
 
+class AdaptiveL1Callback(TrainerCallback):
+    """Updates ReMoE's adaptive L1 weight (:mod:`mola.routing.adaptive_l1`) after each step."""
+
+    def __init__(self, schedule: Any) -> None:
+        self.schedule = schedule
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.schedule.step()
+        return control
+
+
 class MolaTrainer(Trainer):
     """``Trainer`` that logs ``lm_loss``/``aux_loss`` and saves only the MoLA adapter."""
 
@@ -113,6 +128,9 @@ class MolaTrainer(Trainer):
         self._staging: str | None = None
         self._pending_checkpoint: str | None = None  # saved, not yet followed by a finite loss
         self._good_checkpoint: str | None = None
+        self._l1_schedule = getattr(self.accelerator.unwrap_model(self.model), "l1_schedule", None)
+        if self._l1_schedule is not None:
+            self.add_callback(AdaptiveL1Callback(self._l1_schedule))
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -176,6 +194,10 @@ class MolaTrainer(Trainer):
                     logs[name] = round(total / self._log_span, 6)
             self._sums = dict.fromkeys(self._sums, 0.0)
             self._log_span = 0
+            schedule = self._l1_schedule
+            if schedule is not None and schedule.sparsity is not None:  # the last step's
+                logs["l1_loss_coef"] = schedule.applied
+                logs["l1_sparsity"] = round(schedule.sparsity, 6)
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -199,6 +221,12 @@ class MolaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
         load_adapter_weights(resume_from_checkpoint, target.base_model)
+        if self._l1_schedule is not None:  # the adaptive L1 weight where the run left it
+            path = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads(Path(path).read_text()).get("stateful_callbacks", {})
+                if AdaptiveL1.STATE_KEY in saved:
+                    self._l1_schedule.load_state(saved[AdaptiveL1.STATE_KEY])
 
     # -- checkpoints: written whole or not at all ---------------------------------------------
     def _get_output_dir(self, trial: Any) -> str:
@@ -220,6 +248,8 @@ class MolaTrainer(Trainer):
             shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
         distributed.barrier()
         self._staging = staging
+        if self._l1_schedule is not None:  # saved in trainer_state.json with the step
+            self.state.stateful_callbacks[AdaptiveL1.STATE_KEY] = self._l1_schedule.state()
         try:
             super()._save_checkpoint(model, trial)
         finally:
