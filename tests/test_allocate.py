@@ -332,3 +332,39 @@ def test_cli_allocate_by_params_and_user_errors(tiny_llama_dir, mc_file, tmp_pat
     assert "--budget: 3 experts is too few" in capsys.readouterr().err
     assert main([*args, "--budget", "9", "--top-k", "4", "--output", str(out)]) == 2
     assert "--top-k 4 exceeds --max-experts 3" in capsys.readouterr().err
+
+
+def test_allocate_help_shows_only_the_options_it_uses(capsys):
+    from dataclasses import fields
+
+    from mola.allocators.job import AllocateOptions
+    from mola.cli import build_parser
+    from mola.training.options import TrainOptions
+
+    hidden = AllocateOptions.NO_FLAG
+    assert hidden < {f.name for f in fields(TrainOptions)}  # no misspelt field name
+    text = build_parser("allocate").format_help()
+    flags = {word.strip("[],").split("=")[0] for word in text.split() if word.startswith("--")}
+    for name in hidden:
+        assert "--" + name.replace("_", "-") not in flags, name
+    for name in ("model", "data", "top_k", "r", "lr", "batch_size", "budget", "probe_steps"):
+        assert "--" + name.replace("_", "-") in flags, name
+    assert main(["allocate", "--budget", "4", "--epochs", "2"]) == 2  # ignored before: refused now
+    assert "unrecognized arguments: --epochs" in capsys.readouterr().err
+    assert main(["train", "--epochs", "0"]) == 2  # train keeps its flags
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_demo_banner_names_the_allocation(tmp_path):
+    from mola.cli import build_parser
+    from mola.commands.demo import DEMO_RECIPE, banner
+    from mola.training.options import options_from_args
+
+    path = tmp_path / "alloc.yaml"
+    path.write_text("num_experts: [2, 4, 6]\nr: [4, 4, 8]\ntop_k: 1\n")
+    args = build_parser("demo").parse_args(["--allocation", str(path)])
+    line = banner(options_from_args(args, **DEMO_RECIPE))
+    assert f"experts 2,4,6, top-1, r 4,4,8 (from {path})" in line, line
+    assert "inverted-triangle" not in line
+    line = banner(options_from_args(build_parser("demo").parse_args([]), **DEMO_RECIPE))
+    assert "on sarcasm, experts inverted-triangle, top-2, r 8, 120 steps of 8" in line, line

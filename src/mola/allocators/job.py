@@ -26,6 +26,18 @@ class AllocateOptions(TrainOptions):
     """``mola allocate``: the model/data options of ``mola train`` plus the budget and probe."""
 
     EXPERTS_FROM_FLAGS: ClassVar[bool] = False  # the allocation picks the expert counts
+    NO_FLAG: ClassVar[frozenset[str]] = frozenset(
+        # the probe picks the shape and always uses plain stacked experts: no structure options
+        ("experts", "allocation", "init_from", "train_experts", "experts_structure")
+        + ("module_patterns", "a_dropout", "fly_sparsity", "balance_bias_rate")
+        # the probe is its own short loop: none of the Trainer's schedule, precision or saving
+        + ("epochs", "max_steps", "grad_accum", "warmup_ratio", "scheduler", "weight_decay")
+        + ("gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "save_steps")
+        + ("logging_steps",)
+        # and no evaluation
+        + ("eval_data", "eval_limit", "eval", "eval_before", "scoring", "eval_batch_size")
+    )
+    """Options of ``mola train`` that the probe ignores: ``mola allocate --help`` omits them."""
 
     budget: int | None = _opt(None, "total experts or trainable params (with --by params)")
     by: str = _opt("experts", "what --budget counts", choices=BUDGET_KINDS)

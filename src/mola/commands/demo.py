@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mola.training.distributed import is_main_process
-from mola.training.options import add_option_flags, options_from_args
+from mola.training.options import TrainOptions, add_option_flags, options_from_args
 from mola.training.pipeline import run_training, summary
 
 HELP = "the main job: fine-tune the default recipe and print accuracy before/after"
@@ -46,11 +46,33 @@ def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args, **DEMO_RECIPE)
     main = is_main_process()
     if main:
-        print(
-            f"mola demo: {opts.model} on {opts.task}, experts {opts.experts}, top-{opts.top_k}, "
-            f"r {opts.r}, {opts.max_steps} steps of {opts.batch_size}"
-        )
+        print(banner(opts))
     results = run_training(opts)
     if results.get("main_process", True):
         print(summary(results))
     return 0
+
+
+def banner(opts: TrainOptions) -> str:
+    """The first line: model, task, the shape trained (an ``--allocation`` file's lists, not the
+    recipe's shape it replaces), steps and batch."""
+    experts, top_k, ranks = opts.experts, opts.top_k, opts.r
+    if opts.init_from:
+        shape = f"experts of {opts.init_from}"
+    else:
+        if opts.allocation:
+            from mola.allocators.io import read_allocation
+
+            chosen = read_allocation(opts.allocation)
+            experts, ranks = chosen["num_experts"], chosen["r"]
+            top_k = chosen.get("top_k", top_k)
+        shape = f"experts {_spec(experts)}, top-{_spec(top_k)}, r {_spec(ranks)}"
+        if opts.allocation:
+            shape += f" (from {opts.allocation})"
+    steps = f"{opts.max_steps} steps of {opts.batch_size}"
+    return f"mola demo: {opts.model} on {opts.data or opts.task}, {shape}, {steps}"
+
+
+def _spec(value: object) -> str:
+    """A layer spec as the flags spell it: ``2,4,6,8`` for a list."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

@@ -36,6 +36,8 @@ class TrainOptions:
 
     EXPERTS_FROM_FLAGS: ClassVar[bool] = True
     """Whether ``--experts`` sets the expert counts (``mola allocate`` picks them itself)."""
+    NO_FLAG: ClassVar[frozenset[str]] = frozenset()
+    """Fields a command ignores: they get no ``--flag`` (a shared YAML file may still set them)."""
 
     # model and data
     model: str = _opt(DEFAULT_MODEL, "local HF model dir or built-in name")
@@ -283,6 +285,8 @@ def add_option_flags(
     """
     parser.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
     for f in fields(cls):
+        if f.name in cls.NO_FLAG:
+            continue
         kind = _type_of(f)
         meta = f.metadata
         flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
