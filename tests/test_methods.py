@@ -67,9 +67,8 @@ def test_flags_and_yaml_override_the_preset(tmp_path):
     cfg = opts.mola_config()
     assert cfg.num_experts == "4" and cfg.aux_loss_coef == 0.5
     assert cfg.router_scope == "block" and cfg.target_modules == [
-        "gate_proj",
-        "up_proj",
-        "down_proj",
+        *["q_proj", "k_proj", "v_proj", "o_proj"],
+        *["gate_proj", "up_proj", "down_proj"],
     ]
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("method: dynmole\ntop_p: 0.5\n")
@@ -91,3 +90,30 @@ def test_methods_command_lists_every_preset(capsys):
     for m in METHODS.values():
         assert m.name in out and m.paper in out
     assert "router_scope=block" in out
+
+
+@pytest.mark.parametrize(("name", "experts"), [("mixlora", 8), ("llava-mole", 3)])
+def test_block_presets_put_a_plain_lora_on_attention(name, experts):
+    import torch
+    from models import build
+
+    from mola import get_mola_model
+
+    cfg = parse(["--method", name]).mola_config()
+    base, _, _ = build("llama")
+    model = get_mola_model(base, cfg)
+    layers = dict(model.mola_layers())
+    assert len(layers) == 7 * 4  # q/k/v/o and gate/up/down in each of the 4 blocks
+    for module, layer in layers.items():
+        if ".self_attn." in module:  # one expert, no router: a plain LoRA
+            assert (layer.num_experts, layer.routing) == (1, None), module
+        else:  # the MLP's experts, routed by the block's one router
+            assert layer.num_experts == experts and layer.shared is not None, module
+            assert layer.routing is model.base_model.get_submodule(module.rsplit(".", 1)[0]).router
+    routers = [n for n, _ in model.named_parameters() if "router" in n]
+    assert routers == [f"base_model.model.layers.{i}.mlp.router.weight" for i in range(4)]
+    ids = torch.randint(0, 97, (2, 8))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    attention = layers["model.layers.0.self_attn.q_proj"]
+    assert all(p.grad is not None for p in attention.parameters() if p.requires_grad)

@@ -9,10 +9,17 @@ everything the user gives: defaults < preset < YAML file < flags, so any key can
   2-4-6-8, top-2 of ``softmax(Rx)`` per adapted module, load-balancing loss weight 0.001.
 * ``mixlora``: MixLoRA (Li et al. 2024, arXiv 2404.15159; MoE-PEFT's ``mixlora``): 8 experts on
   the MLP projections, one top-2 router per MLP block computed from the block's input and shared
-  by gate/up/down (``router_scope: block``), balance weight 0.01 (MoE-PEFT's default). The paper
-  also puts a plain LoRA on attention; mola leaves attention untouched here.
+  by gate/up/down (``router_scope: block``), balance weight 0.01 (MoE-PEFT's default), and an
+  independent plain LoRA (one expert, no router, via ``module_patterns``) on each attention
+  projection q/k/v/o, as the paper and the authors' code do (TUDB-Labs/MixLoRA ``mixlora/model.py``
+  puts a ``LoraLinear`` on every targeted ``self_attn`` projection; MoE-PEFT's
+  ``templates/mixlora.json`` targets q/k/v/o and gate/up/down with r 16, alpha 32, dropout 0.05,
+  which the preset also sets).
 * ``llava-mole``: LLaVA-MoLE (Chen et al. 2024, arXiv 2401.16160): 3 experts on the MLP, top-1,
-  one router per MLP block (sparse; the selected expert's gate is 1).
+  one router per MLP block (sparse; the selected expert's gate is 1), and a plain LoRA on the
+  attention projections: the paper replaces LLaVA-1.5's plain LoRA (on every linear layer) with
+  LoRA experts "specifically for the MLP layer", so attention keeps its plain LoRA (read from the
+  abstract; the rank, LLaVA-1.5's 128, is left at mola's default).
 * ``loramoe``: LoRAMoE (Dou et al. 2024, arXiv 2312.09979): 6 experts of rank 4 (alpha 32) on
   the MLP projections, every expert used with its softmax weight, the localized balancing
   constraint (delta 0.1, weight 0.1; examples carry an optional ``group``).
@@ -49,6 +56,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MLP_TARGETS = "gate_proj,up_proj,down_proj"
+ATTENTION_MLP_TARGETS = "q_proj,k_proj,v_proj,o_proj," + MLP_TARGETS
+PLAIN_LORA_ATTENTION = '{"q_proj|k_proj|v_proj|o_proj": {"num_experts": 1}}'  # module_patterns
 
 
 @dataclass(frozen=True)
@@ -71,27 +80,32 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "mixlora",
-            "8 experts on the MLP, one top-2 router per MLP block",
+            "8 experts on the MLP, one top-2 router per MLP block; plain LoRA on attention",
             "Li et al. 2024, MixLoRA, arXiv 2404.15159",
             {
                 "experts": "8",
                 "top_k": "2",
+                "r": "16",
+                "alpha": 32.0,
+                "dropout": 0.05,
                 "router": "topk",
                 "router_scope": "block",
-                "target_modules": MLP_TARGETS,
+                "target_modules": ATTENTION_MLP_TARGETS,
+                "module_patterns": PLAIN_LORA_ATTENTION,
                 "aux_loss_coef": 0.01,
             },
         ),
         Method(
             "llava-mole",
-            "3 experts on the MLP, top-1, one router per MLP block",
+            "3 experts on the MLP, top-1, one router per MLP block; plain LoRA on attention",
             "Chen et al. 2024, LLaVA-MoLE, arXiv 2401.16160",
             {
                 "experts": "3",
                 "top_k": "1",
                 "router": "topk",
                 "router_scope": "block",
-                "target_modules": MLP_TARGETS,
+                "target_modules": ATTENTION_MLP_TARGETS,
+                "module_patterns": PLAIN_LORA_ATTENTION,
                 "aux_loss_coef": 0.01,
             },
         ),

@@ -72,7 +72,6 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
     options = {**config.router_options(), "share": {}}  # "share": parts shared by routers
     found = 0
     for idx, block in enumerate(blocks):
-        experts, top_k, rank = (allocation[k][idx] for k in ("num_experts", "top_k", "r"))
         scopes: dict[str, SharedRouting] = {}
         for name, module in list(block.named_modules()):
             full = f"{prefix}.{idx}.{name}" if prefix else f"{idx}.{name}"
@@ -85,14 +84,25 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
                 )
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
+            spec = config.module_spec(full, idx, len(blocks))
             shared = None
-            if config.router_scope == "block":
+            # block scope: the sub-block's modules share one router, built from the first one's
+            # settings; a module that module_patterns make a single expert in a routed layer is a
+            # plain LoRA and routes nothing (MixLoRA's attention)
+            plain = spec.num_experts == 1 and allocation["num_experts"][idx] > 1
+            if config.router_scope == "block" and not plain:
                 shared = scopes.get(parent_name)
                 if shared is None:
                     shared = scopes[parent_name] = _share_router(
-                        parent, full.rpartition(".")[0], module, config, experts, top_k, options
+                        parent,
+                        full.rpartition(".")[0],
+                        module,
+                        spec.router,
+                        spec.num_experts,
+                        spec.top_k,
+                        config.top_p,
+                        {**config.router_options(spec.router), "share": options["share"]},
                     )
-            spec = config.module_spec(full, idx, len(blocks))
             layer = MolaLinear(
                 module,
                 spec.num_experts,
@@ -147,9 +157,10 @@ def _share_router(
     parent: nn.Module,
     name: str,
     first: nn.Module,
-    config: MolaConfig,
+    router_name: str,
     experts: int,
     top_k: int | None,
+    top_p: float | None,
     options: dict,
 ) -> SharedRouting:
     """Put one router on ``parent`` (as ``parent.router``), fed by ``parent``'s input."""
@@ -160,10 +171,10 @@ def _share_router(
     in_features = _input_features(parent)
     weight = first.weight
     router = build_router(
-        config.router,
+        router_name,
         experts,
         top_k,
-        config.top_p,
+        top_p,
         in_features,
         dtype=weight.dtype if weight.dtype.is_floating_point else None,
         device=weight.device,
