@@ -1,6 +1,6 @@
 """Every router's own losses under data parallelism: 2 gloo processes x batch 2 train exactly
-like 1 process x batch 4 (per-step losses and final adapters), each loss weighted enough that a
-per-process loss would move the adapter visibly."""
+like 1 process x batch 4 (per-step losses and final adapters). One model carries all five routers
+(``module_patterns``), each loss weighted enough that a per-process loss would show."""
 
 from __future__ import annotations
 
@@ -11,65 +11,54 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import ROWS, free_port, run, step_logs
+from test_distributed import ROWS, free_port, mola_script, run, step_logs
 
-ROUTERS = {  # router: its flags; each loss weight large enough to matter
-    "relu": ["--top-k", "1", "--l1-loss-coef", "0.5"],
-    "ldmole": ["--top-k", "1", "--sparsity-loss-coef", "0.5", "--aux-loss-coef", "0.5"],
-    "adamole": ["--aux-loss-coef", "0.5"],
-    "dynmole": ["--top-k", "1", "--entropy-loss-coef", "0.5", "--aux-loss-coef", "0.5"],
-    "loramoe": ["--lbc-loss-coef", "0.5", "--aux-loss-coef", "0"],
+ROUTERS = ["relu", "ldmole", "adamole", "dynmole", "loramoe"]
+PATTERNS = {  # every router in one model, one per module kind, so one run covers them all
+    "q_proj": {"router": "relu"},
+    "k_proj": {"router": "ldmole"},
+    "v_proj": {"router": "adamole", "top_k": None},
+    "o_proj": {"router": "dynmole"},
+    "gate_proj|up_proj|down_proj": {"router": "loramoe", "top_k": None},
 }
-LOGGED = {
-    "relu": ["l1_loss_coef", "l1_sparsity", "l1_loss"],
-    "ldmole": ["aux_loss", "sparsity_loss"],
-    "adamole": ["aux_loss"],
-    "dynmole": ["aux_loss", "entropy_loss"],
-    "loramoe": ["lbc_loss"],
-}
+LOSSES = ["aux_loss", "l1_loss", "l1_loss_coef", "l1_sparsity", "sparsity_loss"]
+LOSSES += ["entropy_loss", "lbc_loss"]
 STEPS = 4
-COMMON = ["--max-steps", str(STEPS), "--experts", "2,3", "--dropout", "0", "--lr", "0.01"]
-COMMON += ["--logging-steps", "1", "--save-steps", "0", "--no-eval", "--no-progress"]
+TRAIN = ["--max-steps", str(STEPS), "--experts", "2,3", "--top-k", "1", "--dropout", "0"]
+TRAIN += ["--lr", "0.01", "--module-patterns", json.dumps(PATTERNS)]
+TRAIN += ["--logging-steps", "1", "--save-steps", "0", "--no-eval", "--no-progress"]
+for name in ("aux", "l1", "sparsity", "entropy", "lbc"):  # weights that make each loss matter
+    TRAIN += [f"--{name}-loss-coef", "0.5"]
 
 
-def runs_file(root: Path, model: Path, data: Path, batch: int) -> Path:
-    runs = [
-        [
-            *["--model", str(model), "--data", str(data), "--output", str(root / name)],
-            *["--batch-size", str(batch), "--router", name, *flags, *COMMON],
-        ]
-        for name, flags in ROUTERS.items()
+def args(model: Path, data: Path, out: Path, batch: int) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--output", str(out)] + [
+        *["--batch-size", str(batch), *TRAIN]
     ]
-    path = root / "runs.json"
-    path.write_text(json.dumps(runs))
-    return path
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ddp-routers")
-    data = root / "train.jsonl"  # a type per example, for LoRAMoE's constraint
-    data.write_text("".join(json.dumps({**r, "group": i % 2}) + "\n" for i, r in enumerate(ROWS)))
-    script = str(Path(__file__).with_name("train_many.py"))
-    one, two = root / "one", root / "two"
-    one.mkdir()
-    two.mkdir()
-    run([sys.executable, script, str(runs_file(one, tiny_llama_dir, data, 4))], timeout=600)
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ddp-routers") / "train.jsonl"  # types for LoRAMoE
+    path.write_text("".join(json.dumps({**r, "group": i % 2}) + "\n" for i, r in enumerate(ROWS)))
+    return path
+
+
+def test_every_router_loss_two_processes_equal_one(tiny_llama_dir, data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([mola_script(), *args(tiny_llama_dir, data, one, 4)])
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     launch += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    run([*launch, script, str(runs_file(two, tiny_llama_dir, data, 2))], timeout=600)
-    return one, two
-
-
-@pytest.mark.parametrize("router", list(ROUTERS))
-def test_router_losses_two_processes_equal_one(trained, router):
-    one, two = trained[0] / router, trained[1] / router
+    run([*launch, mola_script(), *args(tiny_llama_dir, data, two, 2)])
     got, want = step_logs(two), step_logs(one)
     assert len(got) == len(want) == STEPS
     for a, b in zip(got, want, strict=True):
-        for key in ("loss", "lm_loss", *LOGGED[router]):
+        for key in ("loss", "lm_loss", *LOSSES):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a, b)
-    assert any(row[LOGGED[router][-1]] > 0 for row in want)  # the router's loss took part
+    for key in LOSSES:  # each router's loss took part
+        assert any(row[key] > 0 for row in want), key
+    config = json.loads((one / "adapter_config.json").read_text())
+    assert config["module_patterns"] == PATTERNS
     new = load_file(two / "adapter_model.safetensors")
     old = load_file(one / "adapter_model.safetensors")
     assert new.keys() == old.keys()

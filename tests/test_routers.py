@@ -357,3 +357,17 @@ def test_inference_cache_follows_the_routers_extra_rows(router):
         changed = layer(x)
     assert layer._fused_a.builds == 2
     torch.testing.assert_close(changed, oracle_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_routers_mixed_by_module_patterns_report_every_loss():
+    from test_distributed_routers import PATTERNS
+
+    base, targets, _ = build("llama")
+    cfg = MolaConfig(target_modules=targets, num_experts=3, top_k=1, module_patterns=PATTERNS)
+    model = get_mola_model(base, cfg)
+    names = ["aux_loss", "router_z_loss", "l1_loss", "sparsity_loss", "entropy_loss", "lbc_loss"]
+    assert model.loss_names == names
+    ids = torch.randint(0, 97, (2, 8))
+    out = model(input_ids=ids, labels=ids, group=torch.tensor([0, 1]))
+    assert all(torch.isfinite(out[n]) for n in names)
+    assert out.l1_loss > 0 and out.lbc_loss > 0

@@ -56,6 +56,8 @@ class MolaModel(nn.Module):
         self.logits_only_where_labelled = False
         self._head_takes_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._layer_routers = self._routers_by_layer()
+        routings = [layer.routing for _, layer in self.mola_layers()]
+        self._all_routers = list({id(r): r for r in routings if r is not None}.values())
         self.l1_schedule = self._adaptive_l1()
 
     # -- delegation -------------------------------------------------------------------------
@@ -122,7 +124,7 @@ class MolaModel(nn.Module):
         """Names of the auxiliary losses this model reports (``aux_loss``, ``router_z_loss``,
         then the router's own), each a key of the output and weighted by ``<name>_coef``."""
         names = ["aux_loss", "router_z_loss"]
-        for router in self._layer_routers.values():
+        for router in self._all_routers:  # every module's: module_patterns may mix routers
             names += [n for n in router.loss_names if n not in names]
         return names
 
