@@ -9,6 +9,7 @@ import os
 from mola.data.datasets import limit_examples, load_examples
 from mola.data.prompts import TEMPLATES
 from mola.evaluation.evaluate import SCORINGS, evaluate
+from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base, training_template
 from mola.utils.io import check_writable_dir, write_json, write_jsonl
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory for metrics JSON and predictions (default: <adapter>/eval, or runs/eval)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_compile_argument(parser)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
     else:
         model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
+    compile_for_cli(model, args.compile)
     metrics, records = evaluate(
         model,
         tokenizer,

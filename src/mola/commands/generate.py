@@ -7,6 +7,7 @@ import sys
 
 from mola.data.datasets import Example
 from mola.data.prompts import TEMPLATES, render_prompt
+from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide loading progress")
+    add_compile_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
     model.eval()
+    compile_for_cli(model, args.compile)
     if args.template == "raw":
         text = args.prompt
     else:
