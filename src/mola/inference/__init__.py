@@ -1,5 +1,5 @@
-"""Inference tools: routing loads, expert pruning, exact merging into the base weights, and the
-cache of derived weights the layer's no-grad path uses.
+"""Inference tools: routing loads, expert pruning, exact merging into the base weights, the
+cache of derived weights the layer's no-grad path uses, and ``torch.compile`` by regions.
 
 Names are imported lazily: :mod:`mola.core.layer` imports :mod:`mola.inference.cache`, so this
 package must not import the model code when it is first loaded.
@@ -20,6 +20,8 @@ _EXPORTS = {
     "prune_model": "mola.inference.prune",
     "pruned_patterns": "mola.inference.prune",
     "DerivedWeights": "mola.inference.cache",
+    "compile_model": "mola.inference.compiled",
+    "compile_regions": "mola.inference.compiled",
 }
 
 __all__ = sorted(_EXPORTS)
