@@ -197,6 +197,7 @@ def test_resume_stale_and_only(tmp_path, tiny_llama_dir, data, capsys):
         ({"grid": {"max_steps": ["many"]}}, "max_steps: expected int"),
         ({"variants": [{"experts": 2}]}, "must be a mapping with a 'name'"),
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "two variants are named 'a'"),
+        ({"grid": {"seed": [1]}, "grid_arms": "no"}, "grid_arms must be true or false"),
     ],
 )
 def test_bad_sweep_files(tmp_path, capsys, spec, message):
@@ -204,3 +205,25 @@ def test_bad_sweep_files(tmp_path, capsys, spec, message):
     assert main(["sweep", str(sweep)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "grid_arms, expected",
+    [
+        # inferred: the variant sets `task`, a grid key, so the grid's own points are arms too
+        (None, ["task-siqa", "a_task-siqa", "pinned", "task-quartz", "a_task-quartz"]),
+        (False, ["a_task-siqa", "pinned", "a_task-quartz"]),
+        (True, ["task-siqa", "a_task-siqa", "pinned", "task-quartz", "a_task-quartz"]),
+    ],
+)
+def test_grid_arms_explicit(tmp_path, grid_arms, expected):
+    spec = {
+        "grid": {"task": ["siqa", "quartz"]},
+        "variants": [{"name": "a", "experts": 2}, {"name": "pinned", "task": "siqa", "lr": 1e-3}],
+    }
+    if grid_arms is not None:
+        spec["grid_arms"] = grid_arms
+    runs = load_spec(str(write_sweep(tmp_path / "s.yaml", **spec))).runs()
+    assert [r.name for r in runs] == expected
+    pinned = next(r for r in runs if r.name == "pinned")
+    assert pinned.options["task"] == "siqa" and pinned.options["lr"] == 1e-3

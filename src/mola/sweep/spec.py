@@ -14,6 +14,8 @@ grid key is crossed only with the other keys, so it runs once per value of those
 variants every grid point is a run. With variants, the grid's own points are arms only when some
 variant sets one of the grid's keys (as ``experts`` above); otherwise the variants are the arms
 and the grid only crosses them (e.g. ``grid: {task: [siqa, quartz], seed: [1, 2, 3]}``).
+``grid_arms: true|false`` at the top level says it explicitly (e.g. ``false`` when a variant sets
+``task`` only to pin a task-specific file, as the allocation study's ``mola allocate`` arms do).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mola.training.options import TrainOptions
 
 SEED_KEY = "seed"
 VARIANT_KEY = "variant"
-TOP_LEVEL = ("base", "grid", "variants", "output", "keep_checkpoints")
+TOP_LEVEL = ("base", "grid", "variants", "output", "keep_checkpoints", "grid_arms")
 NOT_SWEEPABLE = ("output", "resume")
 """Options the sweep sets itself for every run."""
 
@@ -77,11 +79,14 @@ class SweepSpec:
     variants: list[tuple[str, dict[str, Any]]]
     output: str
     keep_checkpoints: bool = False
+    grid_arms: bool | None = None  # None: inferred (see the module docstring)
 
     def runs(self) -> list[Run]:
         """Every run of the sweep, in the order they are trained (see the module docstring)."""
         keys = list(self.grid)
-        grid_arms = not self.variants or any(set(v) & set(keys) for _, v in self.variants)
+        grid_arms = self.grid_arms
+        if grid_arms is None:
+            grid_arms = not self.variants or any(set(v) & set(keys) for _, v in self.variants)
         runs: list[Run] = []
         seen: set[str] = set()
         for point in itertools.product(*(self.grid[k] for k in keys)):
@@ -168,7 +173,10 @@ def load_spec(path: str) -> SweepSpec:
     keep = data.get("keep_checkpoints", False)
     if not isinstance(keep, bool):
         raise ValueError(f"{where}: keep_checkpoints must be true or false")
-    spec = SweepSpec(path, base, grid, variants, output, keep)
+    grid_arms = data.get("grid_arms")
+    if grid_arms is not None and not isinstance(grid_arms, bool):
+        raise ValueError(f"{where}: grid_arms must be true or false")
+    spec = SweepSpec(path, base, grid, variants, output, keep, grid_arms)
     runs = spec.runs()  # checks every run's options
     if not runs:
         raise ValueError(f"{where}: no runs")
