@@ -34,8 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.experts import StructureOptions, check_structure
-from mola.experts.fastpath import DroppedLinear, dropout_mask  # noqa: F401  (re-exported)
+from mola.experts.fastpath import DroppedLinear, add_projection, dropout_mask, gate_columns  # noqa: F401  (re-exported)
+from mola.experts.stacked import StackedExperts
+from mola.inference.cache import cache_allowed
 from mola.routing import Router, Routing, build_router
+from mola.routing.base import topk_gates
+from mola.routing.simple import TopKRouter
 
 if TYPE_CHECKING:
     from mola.core.collect import RouterLogitsStore
@@ -229,6 +233,15 @@ class MolaLinear(nn.Module):
         if self.disabled:
             return result
         experts = self.experts
+        if (
+            type(experts) is StackedExperts
+            and type(self.router) is TopKRouter
+            and self.shared is None
+            and not experts.training
+            and (self.store is None or not self.store.enabled)
+            and cache_allowed()
+        ):
+            return self._decode(result, x)
         flat = x.reshape(-1, self.in_features)
         dtype = experts.lora_B.dtype
         if flat.dtype != dtype:
@@ -237,6 +250,27 @@ class MolaLinear(nn.Module):
         if routing is not None and self.store is not None and self.store.enabled:
             self.store.add(self.layer_idx, self.module_name, routing)
         return experts.mix(result, h, gates)
+
+    def _decode(self, result: Tensor, x: Tensor) -> Tensor:
+        """The no-grad path of the common case (own ``topk`` router reading ``x``, stacked
+        experts, nothing recorded) in one method: the same kernels as :meth:`forward`'s general
+        path, without the ``Routing`` object and the method hops; equal outputs (tested)."""
+        experts = self.experts
+        flat = x.reshape(-1, self.in_features)
+        lora_a, lora_b = experts.lora_A, experts.lora_B
+        if flat.dtype != lora_b.dtype:
+            flat = flat.to(lora_b.dtype)
+        router = self.router
+        weight = router.weight
+        fused = experts.fused_cache.get(
+            (weight, lora_a, lora_b), lambda: torch.cat([weight, experts.down_weight()])
+        )
+        w_up = experts.up_cache.get((lora_a, lora_b), experts.scaled_up_weight)
+        e = router.num_experts
+        both = F.linear(flat, fused)
+        gates, _ = topk_gates(both[:, :e], router.top_k or 1)
+        z = gate_columns(both[:, e:], gates, experts.block)
+        return add_projection(result, z, w_up, inplace=True)
 
     def _project(self, flat: Tensor) -> tuple[Routing | None, Tensor, Tensor | None]:
         """The routing of ``x`` (``None`` without a learned router), the experts' down side
