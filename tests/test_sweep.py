@@ -198,6 +198,9 @@ def test_resume_stale_and_only(tmp_path, tiny_llama_dir, data, capsys):
         ({"variants": [{"experts": 2}]}, "must be a mapping with a 'name'"),
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "two variants are named 'a'"),
         ({"grid": {"seed": [1]}, "grid_arms": "no"}, "grid_arms must be true or false"),
+        ({"base": {"allocation": "a_{tsak}.yaml"}}, "allocation: {tsak} names no mola train option"),
+        ({"base": {"data": "{data}.jsonl"}}, "data: {data} refers to itself"),
+        ({"base": {"allocation": "{eval_data}.yaml"}}, "{eval_data} is not set for this run"),
     ],
 )
 def test_bad_sweep_files(tmp_path, capsys, spec, message):
@@ -227,3 +230,27 @@ def test_grid_arms_explicit(tmp_path, grid_arms, expected):
     assert [r.name for r in runs] == expected
     pinned = next(r for r in runs if r.name == "pinned")
     assert pinned.options["task"] == "siqa" and pinned.options["lr"] == 1e-3
+
+
+def test_placeholders_filled_per_run(tmp_path):
+    spec = {
+        "base": {"router": "topk", "method": "{{literal}}"},
+        "grid": {"task": ["siqa", "quartz"], "seed": [1, 2]},
+        "variants": [
+            {"name": "alloc", "allocation": "allocations/guilomo_{task}_s{seed}_{router}.yaml"},
+            {"name": "plain", "experts": 3},
+        ],
+    }
+    runs = load_spec(str(write_sweep(tmp_path / "s.yaml", **spec))).runs()
+    got = {
+        (r.labels["task"], r.labels["seed"]): r.options["allocation"]
+        for r in runs
+        if r.labels["variant"] == "alloc"
+    }
+    assert got == {
+        (t, str(s)): f"allocations/guilomo_{t}_s{s}_topk.yaml"
+        for t in ("siqa", "quartz")
+        for s in (1, 2)
+    }
+    assert all(r.options["method"] == "{literal}" for r in runs)  # {{ }} are literal braces
+    assert all(r.options.get("allocation") is None for r in runs if r.labels["variant"] == "plain")

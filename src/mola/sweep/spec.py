@@ -15,7 +15,12 @@ variants every grid point is a run. With variants, the grid's own points are arm
 variant sets one of the grid's keys (as ``experts`` above); otherwise the variants are the arms
 and the grid only crosses them (e.g. ``grid: {task: [siqa, quartz], seed: [1, 2, 3]}``).
 ``grid_arms: true|false`` at the top level says it explicitly (e.g. ``false`` when a variant sets
-``task`` only to pin a task-specific file, as the allocation study's ``mola allocate`` arms do).
+``task`` only to pin a task-specific file).
+
+A string value may name other options of its run in braces, filled in per run: e.g. a variant
+``{name: guilomo, allocation: "allocations/guilomo_{task}.yaml"}`` crossed with
+``grid: {task: [siqa, quartz]}`` trains each task with its own ``mola allocate`` file. ``{{`` and
+``}}`` are literal braces; a name that is not a ``mola train`` option is an error.
 """
 
 from __future__ import annotations
@@ -115,6 +120,10 @@ class SweepSpec:
         seen.add(name)
         options = {**RUN_DEFAULTS, **self.base, **crossed, **overrides}
         options["output"] = os.path.join(self.output, name)
+        try:
+            options = _fill_placeholders(options)
+        except ValueError as err:
+            raise ValueError(f"sweep file {self.path}: run {name}: {err}") from None
         labels = {VARIANT_KEY: variant} if variant is not None else {}
         for key in self.grid:  # the run's value of every grid key, set by the grid or variant
             labels[key] = _text(options[key])
@@ -123,6 +132,38 @@ class SweepSpec:
         except ValueError as err:
             raise ValueError(f"sweep file {self.path}: run {name}: {err}") from None
         runs.append(Run(name, labels, options))
+
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def _fill_placeholders(options: dict[str, Any]) -> dict[str, Any]:
+    """Each string value with ``{option}`` replaced by the run's value of that option."""
+    known = {f.name for f in fields(TrainOptions)}
+
+    def fill(key: str, text: str) -> str:
+        def one(match: re.Match[str]) -> str:
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                return token[0]
+            ref = match.group(1).strip().replace("-", "_")
+            if ref not in known:
+                raise ValueError(f"{key}: {token} names no mola train option")
+            if ref == key:
+                raise ValueError(f"{key}: {token} refers to itself")
+            value = options.get(ref)
+            if value is None:
+                raise ValueError(f"{key}: {token} is not set for this run")
+            if isinstance(value, str) and "{" in value:
+                raise ValueError(f"{key}: {token} refers to another placeholder")
+            return _text(value)
+
+        return _PLACEHOLDER.sub(one, text)
+
+    return {
+        k: fill(k, v) if k != "output" and isinstance(v, str) and ("{" in v or "}" in v) else v
+        for k, v in options.items()
+    }
 
 
 def load_spec(path: str) -> SweepSpec:
