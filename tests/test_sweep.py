@@ -198,7 +198,7 @@ def test_resume_stale_and_only(tmp_path, tiny_llama_dir, data, capsys):
         ({"variants": [{"experts": 2}]}, "must be a mapping with a 'name'"),
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "two variants are named 'a'"),
         ({"grid": {"seed": [1]}, "grid_arms": "no"}, "grid_arms must be true or false"),
-        ({"base": {"allocation": "a_{tsak}.yaml"}}, "allocation: {tsak} names no mola train option"),
+        ({"base": {"allocation": "a_{tsak}.yaml"}}, "{tsak} names no mola train option"),
         ({"base": {"data": "{data}.jsonl"}}, "data: {data} refers to itself"),
         ({"base": {"allocation": "{eval_data}.yaml"}}, "{eval_data} is not set for this run"),
     ],
