@@ -254,3 +254,57 @@ def test_placeholders_filled_per_run(tmp_path):
     }
     assert all(r.options["method"] == "{literal}" for r in runs)  # {{ }} are literal braces
     assert all(r.options.get("allocation") is None for r in runs if r.labels["variant"] == "plain")
+
+
+def test_paired_differences_against_a_baseline(tmp_path, capsys):
+    from mola.sweep import write_report
+    from mola.sweep.runner import RunState
+
+    sweep = write_sweep(
+        tmp_path / "p.yaml",
+        grid={"task": ["siqa", "quartz"], "seed": [1, 2, 3]},
+        variants=[{"name": "square", "experts": 5}, {"name": "tri", "experts": 3}],
+        output=str(tmp_path / "out"),
+    )
+    spec = load_spec(str(sweep))
+    runs = spec.runs()
+    acc = {  # (variant, task, seed) -> accuracy; quartz square seed 3 never finished
+        ("square", "siqa", 1): 0.40, ("square", "siqa", 2): 0.44, ("square", "siqa", 3): 0.42,
+        ("tri", "siqa", 1): 0.43, ("tri", "siqa", 2): 0.43, ("tri", "siqa", 3): 0.46,
+        ("square", "quartz", 1): 0.55, ("square", "quartz", 2): 0.50,
+        ("tri", "quartz", 1): 0.52, ("tri", "quartz", 2): 0.56, ("tri", "quartz", 3): 0.60,
+    }  # fmt: skip
+    states = {}
+    for r in runs:
+        key = (r.labels["variant"], r.labels["task"], int(r.labels["seed"]))
+        if key in acc:
+            states[r.name] = RunState("done", {"fine_tuned": {"accuracy": acc[key], "n": 500}})
+        else:
+            states[r.name] = RunState("pending")
+    text = write_report(spec, runs, states, ("variant", "square"))
+    data = json.loads((tmp_path / "out" / "results.json").read_text())["paired"]
+    assert data["baseline"] == {"variant": "square"}
+    rows = {g["task"]: g for g in data["groups"]}
+    assert set(rows) == {"siqa", "quartz"} and all(g["variant"] == "tri" for g in rows.values())
+    for task, seeds in (("siqa", [1, 2, 3]), ("quartz", [1, 2])):  # paired on common seeds only
+        want = [acc[("tri", task, s)] - acc[("square", task, s)] for s in seeds]
+        row = rows[task]
+        assert row["seeds"] == [str(s) for s in seeds]
+        assert row["diffs"]["accuracy"] == pytest.approx(want)
+        assert row["accuracy_diff_mean"] == pytest.approx(statistics.fmean(want))
+        assert row["accuracy_diff_std"] == pytest.approx(statistics.stdev(want))
+        assert row["accuracy_above"] == sum(d > 0 for d in want)
+    assert "| tri | siqa | 1,2,3 | +0.0200 ± 0.0265 (+0.0300, -0.0100, +0.0400) | 2 of 3 |" in text
+    assert "| tri | quartz | 1,2 | +0.0150 ± 0.0636 (-0.0300, +0.0600) | 1 of 2 |" in text
+    # without a baseline the report has no paired section
+    assert "Paired" not in write_report(spec, runs, states)
+
+    for bad, message in (
+        ("variant", "expected KEY=VALUE"),
+        ("seed=1", "unknown key 'seed'; the groups differ by variant, task"),
+        ("variant=sqare", "no run has variant=sqare; variant is one of square, tri"),
+    ):
+        assert main(["sweep", str(sweep), "--report", "--baseline", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["sweep", str(sweep), "--report", "--baseline", "variant=square"]) == 0
+    assert "(no pairs finished yet)" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mola.sweep import load_spec, run_state, run_sweep, write_report
+from mola.sweep.report import baseline_of
 from mola.sweep.spec import Run
 
 HELP = "train a grid of runs from a sweep file (resumable) and tabulate mean/std over seeds"
@@ -29,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=V1,V2",
         help="train only the runs whose label KEY (variant or a grid key) is one of the values; "
         "repeatable (all must hold). The report still covers every run",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="KEY=VALUE",
+        help="also report each group's per-seed differences from the group with KEY=VALUE and "
+        "the same other labels (e.g. variant=square): mean, std over seeds, seeds above it",
     )
 
 
@@ -63,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
                 f"({experts} experts, {params:,d} trainable params)"
             )
         return 0
+    baseline = baseline_of(runs, args.baseline)
     states = {r.name: run_state(r) for r in runs}
     if not args.report:
         states.update(run_sweep(spec, select(runs, args.only)))
-    print(write_report(spec, runs, states), end="")
+    print(write_report(spec, runs, states, baseline), end="")
     print(f"results.md, results.csv, results.json and results.png in {spec.output}")
     failed = [r for r in runs if states[r.name].status == "failed"]
     return 1 if failed and not args.report else 0

@@ -6,6 +6,13 @@ evaluation metrics of ``metrics.json`` (all numeric ones but ``n``, the number o
 (``n - 1`` in the denominator; ``None`` with a single run). ``trainable_params`` and
 ``total_experts`` (experts per adapted module summed over the decoder layers) are reported as they
 are, the same for every seed of a group.
+
+:func:`paired_differences` compares every group with a baseline group (``--baseline
+variant=square``): the group that has the same labels but the baseline's value of one key. Runs
+are paired by seed (the same seed gives the same data order, initial router/expert draws aside),
+and for each metric it reports the per-seed differences, their mean and sample standard deviation
+and how many seeds came out above the baseline: a difference smaller than its spread over seeds
+is not a finding.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class Group:
     values: dict[str, list[float]] = field(default_factory=dict)
     trainable_params: int | None = None
     total_experts: int | None = None
+    by_seed: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -72,7 +80,9 @@ def group_runs(runs: list[Run], states: dict[str, RunState]) -> list[Group]:
         group = groups.setdefault(run.group, Group(labels=dict(run.group)))
         group.runs.append(run.name)
         group.seeds.append(run.labels.get("seed", str(run.options.get("seed", ""))))
-        for key, value in run_values(state.metrics).items():
+        values = run_values(state.metrics)
+        group.by_seed[group.seeds[-1]] = values
+        for key, value in values.items():
             group.values.setdefault(key, []).append(value)
         if group.trainable_params is None:
             group.trainable_params = state.metrics.get("trainable_params")
@@ -89,3 +99,72 @@ def metric_names(groups: list[Group]) -> list[str]:
     if any(TIME_METRIC in g.values for g in groups):
         names.append(TIME_METRIC)
     return names
+
+
+@dataclass
+class Paired:
+    """One group against its baseline group, over the seeds both have finished."""
+
+    labels: dict[str, str]
+    baseline: dict[str, str]
+    seeds: list[str]
+    diffs: dict[str, list[float]]
+
+    def mean(self, metric: str) -> float | None:
+        values = self.diffs.get(metric) or []
+        return statistics.fmean(values) if values else None
+
+    def std(self, metric: str) -> float | None:
+        values = self.diffs.get(metric) or []
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    def above(self, metric: str) -> int:
+        """Seeds on which the group beat the baseline."""
+        return sum(1 for d in self.diffs.get(metric) or [] if d > 0)
+
+
+def parse_baseline(text: str, keys: list[str]) -> tuple[str, str]:
+    """``KEY=VALUE`` (e.g. ``variant=square``) checked against the sweep's group keys.
+
+    Raises:
+        ValueError: not ``KEY=VALUE``, or KEY is not a group key (``seed`` cannot be one).
+    """
+    key, sep, value = text.partition("=")
+    key, value = key.strip().replace("-", "_"), value.strip()
+    if not sep or not key or not value or "," in value:
+        raise ValueError(f"--baseline: expected KEY=VALUE (e.g. variant=square), got {text!r}")
+    if key not in keys:
+        raise ValueError(
+            f"--baseline: unknown key {key!r}; the groups differ by {', '.join(keys) or 'nothing'}"
+        )
+    return key, value
+
+
+def paired_differences(groups: list[Group], key: str, value: str) -> list[Paired]:
+    """Each group (but the baseline's own) minus the group with ``key=value`` and its other
+    labels, seed by seed; groups without a finished baseline seed in common are left out."""
+    index = {tuple(sorted(g.labels.items())): g for g in groups}
+    out: list[Paired] = []
+    for group in groups:
+        if group.labels.get(key) == value:
+            continue
+        wanted = {**group.labels, key: value}
+        base = index.get(tuple(sorted(wanted.items())))
+        if base is None:
+            continue
+        seeds = [s for s in group.seeds if s in base.by_seed]
+        if not seeds:
+            continue
+        diffs: dict[str, list[float]] = {}
+        for metric in group.values:
+            if metric == TIME_METRIC:
+                continue
+            pairs = [
+                (group.by_seed[s][metric], base.by_seed[s][metric])
+                for s in seeds
+                if metric in group.by_seed[s] and metric in base.by_seed[s]
+            ]
+            if len(pairs) == len(seeds):
+                diffs[metric] = [a - b for a, b in pairs]
+        out.append(Paired(dict(group.labels), base.labels, seeds, diffs))
+    return out

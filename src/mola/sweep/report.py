@@ -3,7 +3,9 @@
 ``results.csv`` has one row per group: the group's label columns (``variant`` and the non-seed
 grid keys), ``n`` (finished runs), ``<metric>_mean`` and ``<metric>_std`` for each metric, then
 ``trainable_params`` and ``total_experts``. The Markdown table shows ``mean ± std`` and lists the
-runs that failed or are still to run; it is also what the terminal shows.
+runs that failed or are still to run; it is also what the terminal shows. With a baseline
+(``--baseline variant=square``) the Markdown report and ``results.json`` (``paired``) also hold
+every group's per-seed differences from it (:func:`mola.sweep.aggregate.paired_differences`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ import io
 import os
 from typing import Any
 
-from mola.sweep.aggregate import TIME_METRIC, Group, group_runs, metric_names
+from mola.sweep.aggregate import (
+    TIME_METRIC,
+    Group,
+    Paired,
+    group_runs,
+    metric_names,
+    paired_differences,
+    parse_baseline,
+)
 from mola.sweep.runner import RunState
 from mola.sweep.spec import VARIANT_KEY, Run, SweepSpec
 from mola.utils.io import atomic_write, write_json, write_text
@@ -57,13 +67,42 @@ def markdown_table(groups: list[Group], keys: list[str], metrics: list[str]) -> 
     return "\n".join(lines)
 
 
+def baseline_of(runs: list[Run], text: str | None) -> tuple[str, str] | None:
+    """The checked ``--baseline KEY=VALUE``: KEY a group key, VALUE one some run has."""
+    if text is None:
+        return None
+    key, value = parse_baseline(text, label_keys([], runs))
+    values = sorted({r.labels[key] for r in runs if key in r.labels})
+    if value not in values:
+        known = ", ".join(values)
+        raise ValueError(f"--baseline: no run has {key}={value}; {key} is one of {known}")
+    return key, value
+
+
+def paired_table(paired: list[Paired], keys: list[str], metrics: list[str]) -> str:
+    """The first score metric's (``accuracy``'s) differences; ``results.json`` has them all."""
+    scores = [m for m in metrics if m != TIME_METRIC]
+    metric = "accuracy" if "accuracy" in scores else scores[0]
+    header = [*keys, "seeds", f"Δ {metric} (per seed)", "seeds above"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in paired:
+        diffs = p.diffs.get(metric) or []
+        cells = [p.labels.get(k, "") for k in keys] + [",".join(p.seeds)]
+        cells += [_diff(p.mean(metric), p.std(metric), diffs), f"{p.above(metric)} of {len(diffs)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report_data(
-    spec: SweepSpec, runs: list[Run], states: dict[str, RunState]
+    spec: SweepSpec,
+    runs: list[Run],
+    states: dict[str, RunState],
+    baseline: tuple[str, str] | None = None,
 ) -> tuple[list[Group], list[str], list[str], dict[str, Any]]:
     groups = group_runs(runs, states)
     keys = label_keys(groups, runs)
     metrics = metric_names(groups)
-    data = {
+    data: dict[str, Any] = {
         "sweep": spec.path,
         "output": spec.output,
         "group_keys": keys,
@@ -92,11 +131,30 @@ def report_data(
             for r in runs
         ],
     }
+    if baseline is not None:
+        data["paired"] = {
+            "baseline": dict([baseline]),
+            "groups": [
+                {
+                    **p.labels,
+                    "seeds": p.seeds,
+                    "diffs": p.diffs,
+                    **{f"{m}_diff_mean": p.mean(m) for m in p.diffs},
+                    **{f"{m}_diff_std": p.std(m) for m in p.diffs},
+                    **{f"{m}_above": p.above(m) for m in p.diffs},
+                }
+                for p in paired_differences(groups, *baseline)
+            ],
+        }
     return groups, keys, metrics, data
 
 
 def markdown_report(
-    spec: SweepSpec, runs: list[Run], states: dict[str, RunState], groups: list[Group]
+    spec: SweepSpec,
+    runs: list[Run],
+    states: dict[str, RunState],
+    groups: list[Group],
+    baseline: tuple[str, str] | None = None,
 ) -> str:
     keys = label_keys(groups, runs)
     metrics = metric_names(groups)
@@ -107,6 +165,17 @@ def markdown_report(
         "",
         markdown_table(groups, keys, metrics) if groups else "(no finished runs yet)",
     ]
+    if baseline is not None:
+        key, value = baseline
+        paired = paired_differences(groups, key, value)
+        lines += [
+            "",
+            f"Paired with {key}={value} (the same other labels, the same seed): mean ± sample "
+            "standard deviation of the per-seed differences (this group minus the baseline); "
+            "'above': seeds on which it beat the baseline.",
+            "",
+            paired_table(paired, keys, metrics) if paired else "(no pairs finished yet)",
+        ]
     failed = [r for r in runs if states[r.name].status == "failed"]
     if failed:
         lines += ["", "Failed runs:", ""]
@@ -118,10 +187,17 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
-def write_report(spec: SweepSpec, runs: list[Run], states: dict[str, RunState]) -> str:
-    """Write the four result files into the sweep's output dir; returns the Markdown report."""
-    groups, keys, metrics, data = report_data(spec, runs, states)
-    text = markdown_report(spec, runs, states, groups)
+def write_report(
+    spec: SweepSpec,
+    runs: list[Run],
+    states: dict[str, RunState],
+    baseline: tuple[str, str] | None = None,
+) -> str:
+    """Write the four result files into the sweep's output dir; returns the Markdown report.
+
+    ``baseline`` (``(key, value)``, see :func:`baseline_of`) adds the paired differences."""
+    groups, keys, metrics, data = report_data(spec, runs, states, baseline)
+    text = markdown_report(spec, runs, states, groups, baseline)
     os.makedirs(spec.output, exist_ok=True)
     write_text(os.path.join(spec.output, "results.md"), text)
     write_text(os.path.join(spec.output, "results.csv"), csv_text(groups, keys, metrics))
@@ -182,6 +258,13 @@ def _mean_std(mean: float | None, std: float | None, metric: str) -> str:
     if metric == TIME_METRIC:
         return f"{mean:.0f}" + (f" ± {std:.0f}" if std is not None else "")
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _diff(mean: float | None, std: float | None, diffs: list[float] | None) -> str:
+    if mean is None or not diffs:
+        return ""
+    each = ", ".join(f"{d:+.4f}" for d in diffs)
+    return f"{mean:+.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" ({each})"
 
 
 def _count(value: int | None) -> str:
