@@ -27,6 +27,16 @@ from mola.sweep.spec import Run
 TIME_METRIC = "train_s"
 
 
+def mean_of(values: list[float] | None) -> float | None:
+    """The mean; ``None`` without values."""
+    return statistics.fmean(values) if values else None
+
+
+def std_of(values: list[float] | None) -> float | None:
+    """The sample standard deviation; ``None`` with fewer than two values."""
+    return statistics.stdev(values) if values and len(values) > 1 else None
+
+
 @dataclass
 class Group:
     """One row of the results table."""
@@ -44,12 +54,10 @@ class Group:
         return len(self.runs)
 
     def mean(self, metric: str) -> float | None:
-        values = self.values.get(metric) or []
-        return statistics.fmean(values) if values else None
+        return mean_of(self.values.get(metric))
 
     def std(self, metric: str) -> float | None:
-        values = self.values.get(metric) or []
-        return statistics.stdev(values) if len(values) > 1 else None
+        return std_of(self.values.get(metric))
 
 
 def run_values(metrics: dict[str, Any]) -> dict[str, float]:
@@ -111,12 +119,10 @@ class Paired:
     diffs: dict[str, list[float]]
 
     def mean(self, metric: str) -> float | None:
-        values = self.diffs.get(metric) or []
-        return statistics.fmean(values) if values else None
+        return mean_of(self.diffs.get(metric))
 
     def std(self, metric: str) -> float | None:
-        values = self.diffs.get(metric) or []
-        return statistics.stdev(values) if len(values) > 1 else None
+        return std_of(self.diffs.get(metric))
 
     def above(self, metric: str) -> int:
         """Seeds on which the group beat the baseline."""
