@@ -94,7 +94,9 @@ class TrainOptions:
     epochs: float = _opt(1.0, "training epochs (ignored when --max-steps > 0)")
     max_steps: int = _opt(-1, "optimizer steps; -1 = use --epochs")
     batch_size: int = _opt(8, "examples per device batch")
-    grad_accum: int = _opt(1, "gradient accumulation steps")
+    grad_accum: int = _opt(
+        1, "gradient accumulation steps (router losses are taken per micro-batch)"
+    )
     warmup_ratio: float = _opt(0.05, "share of steps spent warming up the learning rate")
     scheduler: str = _opt("linear", "learning-rate schedule (a transformers scheduler name)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")

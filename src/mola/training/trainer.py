@@ -7,9 +7,10 @@ instead of the whole model, and it resumes by loading that adapter back. Under d
 process holding the whole global batch: the LM loss is the mean over the tokens of the global
 batch (as transformers' ``average_tokens_across_devices`` does), the router losses are taken
 over the global batch (see :func:`mola.routing.load_balancing_loss`), and the examples are drawn
-in the same order whatever the number of processes. Everything else (accumulation, schedule and
-warmup, checkpoints, mixed precision, activation checkpointing, TensorBoard, DDP) is the
-Trainer's own.
+in the same order whatever the number of processes. Under gradient accumulation the LM loss is
+normalised over the tokens of the whole step; the router losses are taken per micro-batch and
+averaged over the accumulation steps. Everything else (schedule and warmup, checkpoints, mixed
+precision, activation checkpointing, TensorBoard, DDP) is the Trainer's own.
 """
 
 from __future__ import annotations
