@@ -2,7 +2,7 @@
 
 SmolLM2-135M's up_proj shape (576 -> 1536), fp32, one thread: the frozen ``nn.Linear`` alone,
 ``MolaLinear`` (E 8, top-2, r 8) rebuilding its derived weights at every call (what every call
-did before :mod:`mola.inference.cache`), and ``MolaLinear`` with them cached (no grad).
+did before :mod:`mola.core.cache`), and ``MolaLinear`` with them cached (no grad).
 Interleaved, medians of ``--repeats`` blocks of ``--calls`` calls. ``--ops`` also lists the
 aten ops each path runs for one token (below autograd, so these are the kernels; views apart).
 

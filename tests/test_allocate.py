@@ -20,9 +20,9 @@ from mola.allocators.budget import (
     trainable_params,
 )
 from mola.allocators.gsv import GSVLinear, attach_gsvs, prefix_mask
-from mola.allocators.io import check_fits, read_allocation, write_allocation
 from mola.allocators.probe import cycle, layer_costs, probe_model
 from mola.cli import main
+from mola.core.allocation_file import check_fits, read_allocation, write_allocation
 from mola.core.checkpoint import is_adapter_name
 from mola.core.config import MolaConfig
 from mola.core.layer import MolaLinear

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mola.training.distributed import check_launch
+from mola.utils.distributed import check_launch
 
 ROWS = [  # examples of different lengths, so batches are padded differently per process
     {"instruction": "Name a fruit" + " please" * (i % 5), "output": "apple banana" * (1 + i % 3)}

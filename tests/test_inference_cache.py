@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mola.core.cache import DerivedWeights
 from mola.core.layer import MolaLinear
-from mola.inference.cache import DerivedWeights
 
 
 def layer(seed=0, num_experts=4):

@@ -134,7 +134,7 @@ def _main(argv: list[str] | None) -> int:
         return 130
     finally:
         if "torch.distributed" in sys.modules:  # a launcher's process group: close it cleanly
-            from mola.training.distributed import shutdown
+            from mola.utils.distributed import shutdown
 
             shutdown()
 

@@ -14,8 +14,9 @@ from mola.allocators.budget import (
     fit_budget,
     trainable_params,
 )
-from mola.allocators.io import plot_allocation, write_allocation
+from mola.allocators.plot import plot_allocation
 from mola.allocators.probe import collate_rows, cycle, encode_examples, layer_costs, probe_model
+from mola.core.allocation_file import write_allocation
 from mola.training.options import TrainOptions, _opt
 
 STRATEGIES = ("guilomo", "redundancy")

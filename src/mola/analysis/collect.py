@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mola.analysis.routing import RoutingStats
-from mola.core.injection import module_keys
+from mola.core.model import module_keys
 from mola.routing import Router
 
 if TYPE_CHECKING:

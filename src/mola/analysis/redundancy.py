@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from mola.core.injection import module_keys
 from mola.core.layer import MolaLinear
+from mola.core.model import module_keys
 
 if TYPE_CHECKING:
     from mola.core.model import MolaModel

@@ -72,7 +72,7 @@ from mola.analysis.routing import (
     routing_entropy,
 )
 from mola.analysis.summary import format_summary, format_table
-from mola.core.injection import module_keys
+from mola.core.model import module_keys
 
 if TYPE_CHECKING:
     from mola.core.layer import MolaLinear

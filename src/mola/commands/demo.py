@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from mola.training.distributed import is_main_process
 from mola.training.options import TrainOptions, add_option_flags, options_from_args
 from mola.training.pipeline import run_training, summary
+from mola.utils.distributed import is_main_process
 
 HELP = "the main job: fine-tune the default recipe and print accuracy before/after"
 
@@ -61,7 +61,7 @@ def banner(opts: TrainOptions) -> str:
         shape = f"experts of {opts.init_from}"
     else:
         if opts.allocation:
-            from mola.allocators.io import read_allocation
+            from mola.core.allocation_file import read_allocation
 
             chosen = read_allocation(opts.allocation)
             experts, ranks = chosen["num_experts"], chosen["r"]

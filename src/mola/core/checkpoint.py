@@ -6,7 +6,6 @@ the base model's own module names. Loading reads JSON and safetensors only, neve
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -15,9 +14,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mola.core.config import CONFIG_NAME, read_adapter_config  # noqa: F401 (re-exported)
 from mola.utils.io import atomic_write, write_json
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
@@ -59,101 +58,6 @@ def save_adapter(directory: str, config: dict[str, Any], model: nn.Module) -> No
     tensors = {n: t.to("cpu").contiguous() for n, t in adapter_state_dict(model).items()}
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p))
     write_json(os.path.join(directory, CONFIG_NAME), config)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def _check_allocation(allocation: Any, path: str) -> None:
-    keys = ("num_experts", "top_k", "r")
-    if not isinstance(allocation, dict) or any(
-        not isinstance(allocation.get(k), list) for k in keys
-    ):
-        raise ValueError(
-            f"adapter: {path}: 'allocation' must be an object of lists {list(keys)}, "
-            f"got {json.dumps(allocation)[:80]}"
-        )
-    lengths = {len(allocation[k]) for k in keys}
-    if len(lengths) != 1 or not allocation["num_experts"]:
-        raise ValueError(f"adapter: {path}: 'allocation' lists must be non-empty, equal lengths")
-    for key in keys:
-        for value in allocation[key]:
-            if key == "top_k" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"adapter: {path}: 'allocation' {key} holds {value!r}; expected ints >= 1"
-                )
-
-
-def read_adapter_config(directory: str) -> dict[str, Any]:
-    """The validated ``adapter_config.json`` of ``directory``.
-
-    Raises:
-        ValueError: one line naming the file: missing, not JSON, not a JSON object, unknown or
-            malformed fields, or written by a newer mola.
-    """
-    from mola import __version__
-    from mola.core.config import MolaConfig
-
-    directory = os.fspath(directory)
-    if not os.path.exists(directory):
-        raise ValueError(f"adapter: {directory} not found")
-    if not os.path.isdir(directory):
-        raise ValueError(
-            f"adapter: {directory} is a file; pass the directory holding {CONFIG_NAME}"
-        )
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"adapter: {path} not found; pass a directory written by save_pretrained")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"adapter: {path} is not UTF-8 text (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"adapter: {path} is not valid JSON ({err.msg} at line {err.lineno})"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"adapter: {path}: expected a JSON object of config fields, got a {_json_type(data)}"
-        )
-    version = data.get("mola_version")
-    if version is not None:
-        if not isinstance(version, str) or not _version(version):
-            raise ValueError(f"adapter: {path}: 'mola_version' is {version!r}, not a version")
-        if _version(version) > _version(__version__):
-            raise ValueError(
-                f"adapter: {path} was written by mola {version}, newer than this mola "
-                f"{__version__}; upgrade mola to load it"
-            )
-    saved_class = data.get("base_model_class")
-    if saved_class is not None and not isinstance(saved_class, str):
-        raise ValueError(f"adapter: {path}: 'base_model_class' must be a string")
-    base = data.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        raise ValueError(f"adapter: {path}: 'base_model_name_or_path' must be a string")
-    if data.get("allocation") is not None:
-        _check_allocation(data["allocation"], path)
-    try:
-        MolaConfig.from_dict(data)
-    except (ValueError, TypeError, AttributeError, KeyError) as err:
-        message = " ".join(str(err).split())
-        raise ValueError(f"adapter: {path}: {message}") from None
-    return data
 
 
 def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:

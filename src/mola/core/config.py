@@ -8,14 +8,18 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from mola import __version__
 from mola.core.allocation import LayerSpec, allocate, check_spec
 from mola.core.patterns import PATTERN_KEYS, ModuleSpec, check_patterns, match, per_layer
 from mola.experts.base import StructureOptions
 from mola.experts.registry import STRUCTURES, check_structure
 from mola.routing import ROUTERS, build_router, router_class
 from mola.routing.scope import SCOPES
+from mola.utils.io import write_json
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+CONFIG_NAME = "adapter_config.json"
 
 # Keys that adapter_config.json carries beside the config fields.
 META_KEYS = frozenset({"base_model_name_or_path", "base_model_class", "allocation", "mola_version"})
@@ -295,16 +299,12 @@ class MolaConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from mola.utils.io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MolaConfig:
         """Read a config JSON (or a saved adapter's ``adapter_config.json``, or its directory)."""
         if os.path.isdir(path):
-            from mola.core.checkpoint import read_adapter_config
-
             return cls.from_dict(read_adapter_config(os.fspath(path)))  # validated, names the file
         try:
             with open(path, encoding="utf-8") as fh:
@@ -317,3 +317,95 @@ class MolaConfig:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _check_allocation(allocation: Any, path: str) -> None:
+    keys = ("num_experts", "top_k", "r")
+    if not isinstance(allocation, dict) or any(
+        not isinstance(allocation.get(k), list) for k in keys
+    ):
+        raise ValueError(
+            f"adapter: {path}: 'allocation' must be an object of lists {list(keys)}, "
+            f"got {json.dumps(allocation)[:80]}"
+        )
+    lengths = {len(allocation[k]) for k in keys}
+    if len(lengths) != 1 or not allocation["num_experts"]:
+        raise ValueError(f"adapter: {path}: 'allocation' lists must be non-empty, equal lengths")
+    for key in keys:
+        for value in allocation[key]:
+            if key == "top_k" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"adapter: {path}: 'allocation' {key} holds {value!r}; expected ints >= 1"
+                )
+
+
+def read_adapter_config(directory: str) -> dict[str, Any]:
+    """The validated ``adapter_config.json`` of ``directory``.
+
+    Raises:
+        ValueError: one line naming the file: missing, not JSON, not a JSON object, unknown or
+            malformed fields, or written by a newer mola.
+    """
+    directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        raise ValueError(f"adapter: {directory} not found")
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"adapter: {directory} is a file; pass the directory holding {CONFIG_NAME}"
+        )
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"adapter: {path} not found; pass a directory written by save_pretrained")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"adapter: {path} is not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"adapter: {path} is not valid JSON ({err.msg} at line {err.lineno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"adapter: {path}: expected a JSON object of config fields, got a {_json_type(data)}"
+        )
+    version = data.get("mola_version")
+    if version is not None:
+        if not isinstance(version, str) or not _version(version):
+            raise ValueError(f"adapter: {path}: 'mola_version' is {version!r}, not a version")
+        if _version(version) > _version(__version__):
+            raise ValueError(
+                f"adapter: {path} was written by mola {version}, newer than this mola "
+                f"{__version__}; upgrade mola to load it"
+            )
+    saved_class = data.get("base_model_class")
+    if saved_class is not None and not isinstance(saved_class, str):
+        raise ValueError(f"adapter: {path}: 'base_model_class' must be a string")
+    base = data.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"adapter: {path}: 'base_model_name_or_path' must be a string")
+    if data.get("allocation") is not None:
+        _check_allocation(data["allocation"], path)
+    try:
+        MolaConfig.from_dict(data)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        message = " ".join(str(err).split())
+        raise ValueError(f"adapter: {path}: {message}") from None
+    return data

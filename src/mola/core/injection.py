@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -12,9 +11,6 @@ from mola.core.config import MolaConfig
 from mola.core.layer import MolaLinear, features, is_supported
 from mola.routing import build_router
 from mola.routing.scope import SharedRouting
-
-if TYPE_CHECKING:
-    from mola.core.model import MolaModel
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -188,25 +184,3 @@ def _input_features(parent: nn.Module) -> int:
     """The width of ``parent``'s input: that of its first linear module (q_proj, gate_proj)."""
     first = next(m for m in parent.modules() if m is not parent and is_supported(m))
     return features(first)[0]
-
-
-def module_keys(model: MolaModel) -> dict[str, str]:
-    """Short, per-model unique keys of the adapted modules: qualified name -> key.
-
-    The key is the module's last name component (``q_proj``) when that is unique within the
-    decoder layers, else its path inside the decoder block (GPT-2's ``attn.c_proj`` and
-    ``mlp.c_proj``).
-    """
-    try:
-        prefix = find_decoder_layers(model.base_model)[0]
-    except ValueError:
-        prefix = None
-    relative: dict[str, str] = {}
-    for name, layer in model.mola_layers():
-        head = f"{prefix}.{layer.layer_idx}." if prefix else f"{layer.layer_idx}."
-        relative[name] = name[len(head) :] if name.startswith(head) else name
-    last = {name: rel.rsplit(".", 1)[-1] for name, rel in relative.items()}
-    clashes: dict[str, set[str]] = {}
-    for name, short in last.items():
-        clashes.setdefault(short, set()).add(relative[name])
-    return {name: last[name] if len(clashes[last[name]]) == 1 else relative[name] for name in last}

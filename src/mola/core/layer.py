@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.core.cache import cache_allowed
 from mola.experts import StructureOptions, check_structure
 from mola.experts.fastpath import DroppedLinear, add_projection, dropout_mask, gate_columns  # noqa: F401  (re-exported)
 from mola.experts.stacked import StackedExperts
-from mola.inference.cache import cache_allowed
 from mola.routing import Router, Routing, build_router
 from mola.routing.base import topk_gates
 from mola.routing.simple import TopKRouter

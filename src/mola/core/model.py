@@ -25,11 +25,11 @@ from mola.core.checkpoint import (
 )
 from mola.core.collect import RouterLogitsStore
 from mola.core.config import MolaConfig
-from mola.core.injection import inject
+from mola.core.injection import find_decoder_layers, inject
 from mola.core.layer import MolaLinear
 from mola.routing import Router, router_z_loss
 from mola.routing.adaptive_l1 import AdaptiveL1
-from mola.training.distributed import is_distributed
+from mola.utils.distributed import is_distributed
 
 
 class MolaModel(nn.Module):
@@ -366,3 +366,25 @@ def get_mola_model(model: nn.Module, config: MolaConfig | None = None) -> MolaMo
     The returned model starts out equal to the base model (every ``lora_B`` is zero).
     """
     return MolaModel(model, config or MolaConfig())
+
+
+def module_keys(model: MolaModel) -> dict[str, str]:
+    """Short, per-model unique keys of the adapted modules: qualified name -> key.
+
+    The key is the module's last name component (``q_proj``) when that is unique within the
+    decoder layers, else its path inside the decoder block (GPT-2's ``attn.c_proj`` and
+    ``mlp.c_proj``).
+    """
+    try:
+        prefix = find_decoder_layers(model.base_model)[0]
+    except ValueError:
+        prefix = None
+    relative: dict[str, str] = {}
+    for name, layer in model.mola_layers():
+        head = f"{prefix}.{layer.layer_idx}." if prefix else f"{layer.layer_idx}."
+        relative[name] = name[len(head) :] if name.startswith(head) else name
+    last = {name: rel.rsplit(".", 1)[-1] for name, rel in relative.items()}
+    clashes: dict[str, set[str]] = {}
+    for name, short in last.items():
+        clashes.setdefault(short, set()).add(relative[name])
+    return {name: last[name] if len(clashes[last[name]]) == 1 else relative[name] for name in last}

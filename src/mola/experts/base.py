@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.core.cache import DerivedWeights, cache_allowed, module_tensors
 from mola.experts.fastpath import DroppedLinear, add_projection, dropout_mask, gate_columns
-from mola.inference.cache import DerivedWeights, cache_allowed, module_tensors
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Experts(nn.Module):
         self.scaling = lora_alpha / r
         self.options = options or StructureOptions()
         self.factory = {"device": device, "dtype": dtype}
-        # no-grad path: [router; W_down] and W_up built once (mola.inference.cache)
+        # no-grad path: [router; W_down] and W_up built once (mola.core.cache)
         self.fused_cache, self.up_cache = DerivedWeights(), DerivedWeights()
 
     def train(self, mode: bool = True) -> Experts:

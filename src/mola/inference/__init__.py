@@ -1,8 +1,8 @@
-"""Inference tools: routing loads, expert pruning, exact merging into the base weights, the
-cache of derived weights the layer's no-grad path uses, and ``torch.compile`` by regions.
+"""Inference tools: routing loads, expert pruning, exact merging into the base weights and
+``torch.compile`` by regions. The cache of derived weights the layer's no-grad path uses lives
+in :mod:`mola.core.cache` (``DerivedWeights`` is re-exported here).
 
-Names are imported lazily: :mod:`mola.core.layer` imports :mod:`mola.inference.cache`, so this
-package must not import the model code when it is first loaded.
+Names are imported lazily, so importing this package does not load the model code.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ _EXPORTS = {
     "plan_module": "mola.inference.prune",
     "prune_model": "mola.inference.prune",
     "pruned_patterns": "mola.inference.prune",
-    "DerivedWeights": "mola.inference.cache",
+    "DerivedWeights": "mola.core.cache",
     "compile_model": "mola.inference.compiled",
     "compile_regions": "mola.inference.compiled",
 }

@@ -15,7 +15,7 @@ counts of a layer-wise allocation), not with the depth. Shapes are dynamic (``dy
 the batch and the sequence length, which change at every decoding step, do not recompile.
 
 Under compilation the layer does not use its derived-weight cache
-(:mod:`mola.inference.cache`): the compiler sees the weights' derivation and fuses it.
+(:mod:`mola.core.cache`): the compiler sees the weights' derivation and fuses it.
 """
 
 from __future__ import annotations

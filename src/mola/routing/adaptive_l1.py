@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from mola.routing.base import Routing
-from mola.training.distributed import all_reduce_sum
+from mola.utils.distributed import all_reduce_sum
 
 
 def next_coef(coef: float, sparsity: float, target: float, alpha: float) -> float:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mola.routing.losses import load_balancing_loss
+
 
 class Routing:
     """One module's routing decision for ``N`` tokens.
@@ -222,10 +224,8 @@ class Router(nn.Module):
             global_batch: take the statistics over all processes (data parallelism): every
                 router's losses are then those of the global batch, with gradients scaled so
                 that N processes step like one holding the whole batch (see
-                :func:`mola.training.distributed.global_sums`).
+                :func:`mola.utils.distributed.global_sums`).
         """
-        from mola.routing.losses import load_balancing_loss
-
         logits = [r.logits for r in records]
         masks = [r.mask for r in records]
         return {

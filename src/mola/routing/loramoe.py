@@ -32,7 +32,7 @@ from torch import Tensor
 from mola.routing.base import Routing
 from mola.routing.registry import register
 from mola.routing.simple import SoftRouter
-from mola.training.distributed import global_sums
+from mola.utils.distributed import global_sums
 
 
 def expert_groups(num_experts: int, groups: int) -> Tensor:

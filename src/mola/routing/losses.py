@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from mola.routing.base import Router
-from mola.training.distributed import global_sums
+from mola.utils.distributed import global_sums
+
+
+class Selects(Protocol):
+    """What :func:`load_balancing_loss` needs of a router: its choice of experts per row."""
+
+    def select(self, probs: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 def load_balancing_loss(
     logits: Sequence[Tensor],
-    router: Router,
+    router: Selects,
     attention_mask: Tensor | None = None,
     global_batch: bool = False,
     *,

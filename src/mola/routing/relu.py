@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mola.routing.base import Router, Routing
 from mola.routing.registry import register
-from mola.training.distributed import global_sums
+from mola.utils.distributed import global_sums
 
 
 @register

@@ -193,7 +193,7 @@ class TrainOptions:
         top_k = None if str(self.top_k).lower() in ("none", "") else self.top_k
         experts, ranks = self.experts, self.r
         if self.allocation:  # mola allocate's per-layer lists replace --experts/--r (and top_k)
-            from mola.allocators.io import read_allocation
+            from mola.core.allocation_file import read_allocation
 
             chosen = read_allocation(self.allocation)
             experts, ranks = chosen["num_experts"], chosen["r"]

@@ -18,9 +18,9 @@ from mola.data.prompts import DataCollator, encode_for_training
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
-from mola.training.distributed import check_launch, is_main_process
 from mola.training.options import TrainOptions
 from mola.training.outputs import check_output, clear_previous_run, notes
+from mola.utils.distributed import check_launch, is_main_process
 from mola.utils.io import write_json, write_jsonl, write_text
 from mola.utils.tables import metrics_table
 
@@ -71,7 +71,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     train_examples, eval_examples = load_train_eval(opts)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
     if opts.allocation:  # a list of another length would be read as layer groups
-        from mola.allocators.io import check_fits
+        from mola.core.allocation_file import check_fits
 
         check_fits(
             {"num_experts": mola_config.num_experts}, len(_decoder_blocks(base)), opts.allocation

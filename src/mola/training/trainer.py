@@ -36,8 +36,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from mola.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_adapter_name, load_adapter_weights
 from mola.core.model import MolaModel
 from mola.routing.adaptive_l1 import AdaptiveL1
-from mola.training import distributed
 from mola.training.options import TrainOptions
+from mola.utils import distributed
 from mola.utils.io import atomic_write, write_json
 
 

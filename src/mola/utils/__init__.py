@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic file writes, terminal tables."""
+"""Small shared helpers: atomic file writes, terminal tables, process-group collectives."""

@@ -1,4 +1,4 @@
-"""The allocation file (YAML) and its figure.
+"""The allocation file (YAML): its format, reading, writing and fit to a model.
 
 ``mola allocate`` writes, e.g.::
 
@@ -21,7 +21,7 @@ lists can also be pasted into a training config as ``experts:`` and ``r:``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -97,29 +97,3 @@ def check_fits(allocation: Mapping[str, Any], num_layers: int, path: str = "") -
         raise ValueError(
             f"--allocation {path}: has {n} layers but the model has {num_layers} decoder layers"
         )
-
-
-def plot_allocation(
-    path: str | os.PathLike[str],
-    num_experts: Sequence[int],
-    ranks: Sequence[int],
-    title: str = "",
-) -> str:
-    """Bar chart of experts per layer with the rank as a line on a second axis; returns ``path``."""
-    from mola.analysis.plots import new_figure, save_figure
-
-    layers = list(range(len(num_experts)))
-    fig = new_figure(max(6.0, 0.28 * len(layers) + 2), 3.6)
-    ax = fig.add_subplot()
-    ax.bar(layers, num_experts, color="#4C72B0", label="experts")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("experts", color="#4C72B0")
-    ax.set_xticks(layers[:: max(1, len(layers) // 15)])
-    twin = ax.twinx()
-    twin.plot(layers, ranks, color="#DD8452", marker="o", markersize=3, label="rank")
-    twin.set_ylabel("rank r", color="#DD8452")
-    twin.set_ylim(0, max(ranks) * 1.15 + 1)
-    ax.set_ylim(0, max(num_experts) * 1.15 + 1)
-    if title:
-        ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
