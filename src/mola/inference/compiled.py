@@ -65,7 +65,7 @@ COMPILE_HELP = (
     "BACKEND (default inductor). Costs minutes of compiling at the first batch and again at the "
     "first decoding step (default model, loaded 2-core CPU: 2.2 min + 6.7 min cold, 0.8 + 0.9 "
     "min with torch's kernel cache warm) and does not pay off on a CPU (forward 4x128 1.05x, "
-    "batch-1 decoding 1.23x the eager time); see README, Inference speed"
+    "batch-1 decoding 1.23x the eager time); see docs/inference.md"
 )
 """The ``--compile`` flag's help (``mola eval``, ``mola generate``)."""
 
@@ -100,7 +100,7 @@ def compile_model(model: nn.Module, *, dynamic: bool = True, **options: Any) -> 
     """Compile ``model``'s adapter-carrying regions in place; returns how many.
 
     Nothing is compiled until the first call, which then takes the compile time (see the
-    README's "Inference speed"). ``options`` go to ``torch.compile`` (``mode``, ``backend``).
+    docs/inference.md). ``options`` go to ``torch.compile`` (``mode``, ``backend``).
     Each distinct region shape compiles twice (a general length, and one token, which dynamo
     specialises), all regions of one class share one code object, so dynamo's per-function
     recompile limit is raised to twice the number of regions.
