@@ -253,35 +253,24 @@ def _labels(examples: Sequence[Example]) -> list[int]:
 
 
 def evaluate_multiple_choice(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    template: str = DEFAULT_TEMPLATE,
-    batch_size: int = 8,
-    cutoff_len: int = 256,
-    progress: bool = True,
-    *,
-    show_choices: bool = False,
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], *args: Any, **kwargs: Any
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate multiple-choice examples by log-likelihood.
+
+    Takes the arguments of :func:`score_choices` (``template``, ``batch_size``, ``cutoff_len``,
+    ``progress``, ``show_choices``), positional or by name, with its defaults.
 
     Returns:
         (metrics, records). Metrics: ``accuracy``, ``accuracy_norm``, ``f1``+``mcc`` (binary)
         or ``macro_f1``, and ``n``. One JSON-serialisable record per example with ``prompt``,
         ``choices``, ``gold``, ``pred``, ``pred_norm`` (indices), ``correct`` and ``logprobs``.
     """
+    options = inspect.signature(score_choices).bind(model, tokenizer, examples, *args, **kwargs)
+    options.apply_defaults()
+    template, show_choices = options.arguments["template"], options.arguments["show_choices"]
     _check_choices(examples)
     labels = _labels(examples)
-    scores = score_choices(
-        model,
-        tokenizer,
-        examples,
-        template,
-        batch_size,
-        cutoff_len,
-        progress,
-        show_choices=show_choices,
-    )
+    scores = score_choices(*options.args, **options.kwargs)
     preds = [s["pred"] for s in scores]
     metrics = classification_metrics(preds, labels, _num_classes(examples))
     norm_preds = [s["pred_norm"] for s in scores]
