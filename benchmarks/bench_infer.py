@@ -7,6 +7,8 @@ weights (PEFT merged has its own copy, since merging writes into the weights):
 - ``lora``: PEFT LoRA r 8 on the seven projections, unmerged; ``lora merged``: the same, merged;
 - ``mola``: the default config (inverted-triangle 2-4-6-8 experts, top-2, r 8, seven projections);
 - ``mola E=8``: eight experts in every layer, top-2, r 8;
+- ``mola grouped``, ``mola E=8 grouped``: the same adapters with input groups
+  (:func:`mola.inference.group_inputs`: q/k/v and gate/up each run as one);
 - ``mola pruned``: the default adapter after :func:`mola.inference.prune_model` with routing
   loads measured on the benchmark's prompts (``--min-load``, ``--merge-threshold``).
 
@@ -37,6 +39,7 @@ from torch import nn
 from mola import MolaConfig, get_mola_model
 from mola.data.datasets import load_task
 from mola.data.prompts import render_prompt
+from mola.inference.fused import group_inputs
 from mola.models.loading import load_base
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,9 +71,11 @@ def peft_lora(base: nn.Module, merged: bool) -> nn.Module:
     return model.merge_and_unload() if merged else model
 
 
-def mola(base: nn.Module, **config: Any) -> nn.Module:
+def mola(base: nn.Module, grouped: bool = False, **config: Any) -> nn.Module:
     model = get_mola_model(shared_copy(base), MolaConfig(lora_dropout=0.0, **config))
     randomise_adapter(model, 2)
+    if grouped:
+        group_inputs(model.eval())
     return model
 
 
@@ -126,6 +131,8 @@ def build_variants(base: nn.Module, args: argparse.Namespace, calib: dict) -> di
         "lora merged": lambda: peft_lora(base, merged=True),
         "mola": lambda: mola(base),
         "mola E=8": lambda: mola(base, num_experts=8),
+        "mola grouped": lambda: mola(base, grouped=True),
+        "mola E=8 grouped": lambda: mola(base, grouped=True, num_experts=8),
     }
     if not args.no_prune:
         makers["mola pruned"] = lambda: pruned_mola(base, args, calib)

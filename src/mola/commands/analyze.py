@@ -22,6 +22,7 @@ from typing import Any
 
 from mola.analysis.report import REPORT_FORMAT
 from mola.analysis.routing import DEFAULT_DEAD_THRESHOLD
+from mola.inference.fused import add_group_argument, group_for_cli
 
 HELP = "routing and expert analysis of a trained adapter (load, entropy, dead experts, redundancy)"
 
@@ -82,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the data pass: redundancy only (no load/entropy numbers or plots)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_group_argument(parser)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -173,6 +175,7 @@ def _analyze_adapter(adapter: str, args: argparse.Namespace, data: _Data) -> dic
     device = _resolve_device(args.device)
     try:
         model.to(device)
+        group_for_cli(model, args)  # after placement: groups stack the bases where they are
         batches = None
         if examples is not None:
             batches = encode_batches(

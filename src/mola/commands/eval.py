@@ -10,6 +10,7 @@ from mola.data.datasets import limit_examples, load_examples
 from mola.data.prompts import TEMPLATES
 from mola.evaluation.evaluate import SCORINGS, evaluate
 from mola.inference.compiled import add_compile_argument, compile_for_cli
+from mola.inference.fused import add_group_argument, group_for_cli
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base, training_template
 from mola.utils.io import check_writable_dir, write_json, write_jsonl
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_compile_argument(parser)
+    add_group_argument(parser)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
     compile_for_cli(model, args.compile)
+    group_for_cli(model, args)
     metrics, records = evaluate(
         model,
         tokenizer,

@@ -8,6 +8,7 @@ import sys
 from mola.data.datasets import Example
 from mola.data.prompts import TEMPLATES, render_prompt
 from mola.inference.compiled import add_compile_argument, compile_for_cli
+from mola.inference.fused import add_group_argument, group_for_cli
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base
 
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide loading progress")
     add_compile_argument(parser)
+    add_group_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
     model.eval()
     compile_for_cli(model, args.compile)
+    group_for_cli(model, args)
     if args.template == "raw":
         text = args.prompt
     else:

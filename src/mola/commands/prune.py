@@ -20,6 +20,7 @@ HELP = "drop experts with low routing load and merge near-identical ones"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from mola.data.prompts import TEMPLATES
+    from mola.inference.fused import add_group_argument
 
     parser.add_argument("--adapter", required=True, metavar="DIR", help="adapter to prune")
     parser.add_argument("--output", required=True, metavar="DIR", help="where to write the result")
@@ -51,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cutoff-len", type=int, default=256)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_group_argument(parser)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from mola.core.config import MolaConfig
     from mola.data.datasets import limit_examples, load_examples
     from mola.data.prompts import DEFAULT_TEMPLATE
+    from mola.inference.fused import group_for_cli
     from mola.inference.loads import measure_loads
     from mola.inference.prune import layer_summary, prune_model, pruned_patterns
     from mola.models.loading import load_adapted, training_template
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         evaluation = load_examples(eval_task, args.eval_data, "test")
         evaluation = limit_examples(evaluation, args.eval_limit or None)
     model, tokenizer = load_adapted(args.adapter, args.model, progress=not args.no_progress)
+    group_for_cli(model, args)
     metrics: dict[str, dict] = {}
     if evaluation:
         metrics["before"] = _evaluate(model, tokenizer, evaluation, template, args)

@@ -172,6 +172,8 @@ class MolaLinear(nn.Module):
         self.layer_idx: int | None = None
         self.module_name = ""
         self.store: RouterLogitsStore | None = None
+        # modules reading the same input, run as one at inference (mola.inference.fused)
+        self.input_group: Any = None
         # weights derived for the no-grad path (kept by the experts, see Experts.project)
         self._fused_a, self._b_rows = self.experts.fused_cache, self.experts.up_cache
 
@@ -229,6 +231,11 @@ class MolaLinear(nn.Module):
         return router(flat)
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        group = self.input_group
+        if group is not None and not args and not kwargs:
+            out = group.output(self, x)
+            if out is not None:
+                return out
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result

@@ -1,6 +1,7 @@
-"""Inference tools: routing loads, expert pruning, exact merging into the base weights and
-``torch.compile`` by regions. The cache of derived weights the layer's no-grad path uses lives
-in :mod:`mola.core.cache` (``DerivedWeights`` is re-exported here).
+"""Inference tools: routing loads, expert pruning, exact merging into the base weights, input
+groups (modules reading the same input run as one) and ``torch.compile`` by regions. The
+cache of derived weights the layer's no-grad path uses lives in :mod:`mola.core.cache`
+(``DerivedWeights`` is re-exported here).
 
 Names are imported lazily, so importing this package does not load the model code.
 """
@@ -21,6 +22,10 @@ _EXPORTS = {
     "pruned_patterns": "mola.inference.prune",
     "DerivedWeights": "mola.core.cache",
     "compile_model": "mola.inference.compiled",
+    "InputGroup": "mola.inference.fused",
+    "find_input_groups": "mola.inference.fused",
+    "group_inputs": "mola.inference.fused",
+    "ungroup_inputs": "mola.inference.fused",
     "compile_regions": "mola.inference.compiled",
 }
 
