@@ -251,9 +251,9 @@ class InputGroup:
         n = flat.shape[0]
         if w["fused_topk"] is not None:
             e, r, k = w["fused_topk"]
-            gates, _ = topk_gates(routed.reshape(n, len(members), e), k)
+            gates, _ = topk_gates(routed.reshape(n * len(members), e), k)  # rows: tokens x members
             gates = gates.to(h.dtype) if gates.dtype != h.dtype else gates
-            z = (h.reshape(n, len(members), e, r) * gates.unsqueeze(-1)).reshape(n, -1)
+            z = (h.reshape(n, len(members), e, r) * gates.view(n, len(members), e, 1)).view(n, -1)
         else:
             parts, r0, c0 = [], 0, 0
             for m, rows_m, cols in zip(members, w["rows"], w["cols"], strict=True):
