@@ -149,3 +149,22 @@ def _correct(run: Path, metric: str) -> list[bool]:
     task = metric.removesuffix("_accuracy") if metric != "accuracy" else None
     rows = [json.loads(line) for line in (run / "predictions_fine_tuned.jsonl").open()]
     return [bool(r["correct"]) for r in rows if task is None or r["task"] == task]
+
+
+def test_capacity_sweep_file_loads_stage_one_first():
+    from mola.sweep import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(str(root / "examples" / "sweeps" / "capacity.yaml"))
+    runs = spec.runs()
+    assert len(runs) == 8 * 3
+    names = [r.labels["variant"] for r in runs[:8]]
+    assert names[:3] == ["lora-r8", "square", "uniform-8"]  # stage 1 leads every seed
+    assert all(r.options["task"] == "sarcasm+siqa+quartz+logiqa" for r in runs)
+    r42 = next(r for r in runs if r.labels["variant"] == "lora-r42")
+    assert r42.options["alpha"] == pytest.approx(16 * (42 / 8) ** 0.5, abs=0.01)  # rsLoRA scale
+    shapes = {
+        r.labels["variant"]: r.options.get("experts") for r in runs if r.labels["seed"] == "1"
+    }
+    for shape in ("inverted-triangle", "triangle", "hourglass"):
+        assert sum(int(n) for n in shapes[shape].split(",")) == 150 == 5 * 30  # square's budget
