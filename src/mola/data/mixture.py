@@ -29,10 +29,10 @@ def task_names(task: str) -> list[str]:
     names = [name.strip() for name in task.split(SEPARATOR)]
     for name in names:
         if name not in TASKS:
-            shown = name or "(empty)"
+            where = f" in '{task}'" if is_mixture(task) else ""
             raise DataError(
-                f"unknown task '{shown}' in '{task}' (choose from {', '.join(TASKS)}, or several "
-                f"joined by '{SEPARATOR}')"
+                f"unknown task '{name or '(empty)'}'{where} (choose from {', '.join(TASKS)}, or "
+                f"several joined by '{SEPARATOR}')"
             )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
