@@ -80,12 +80,30 @@ def _lined_up(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     )
 
 
+_CACHE: dict[tuple[Any, ...], dict[str, ItemTest]] = {}
+
+
+def _stamp(run_dir: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(os.path.join(run_dir, PREDICTIONS))
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
 def item_tests(paired: Paired) -> dict[str, ItemTest]:
     """Per-item comparison of ``paired``'s runs with its baseline's (empty without predictions).
 
     Keys: ``accuracy`` (all items), and ``<task>_accuracy`` for each task when the records carry
-    one.
+    one. Computed once per set of prediction files (the Markdown and JSON reports share it).
     """
+    key = tuple((s, a, b, _stamp(a), _stamp(b)) for s, a, b in paired.outputs)
+    if key not in _CACHE:
+        _CACHE[key] = _item_tests(paired)
+    return _CACHE[key]
+
+
+def _item_tests(paired: Paired) -> dict[str, ItemTest]:
     pairs: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
     for seed, mine, base in paired.outputs:
         a, b = read_predictions(mine), read_predictions(base)
