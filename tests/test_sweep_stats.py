@@ -234,3 +234,25 @@ def test_report_with_per_item_tests_and_from_results(tmp_path, capsys):
     saved.write_text(json.dumps({"groups": []}))
     assert main(["sweep", str(sweep), "--report", "--from-results", str(saved)]) == 2
     assert "not a mola sweep results.json" in capsys.readouterr().err
+
+
+def test_list_names_a_missing_allocation_file_and_goes_on(tmp_path, tiny_llama_dir, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "base": {"model": str(tiny_llama_dir), "top_k": 1},
+                "grid": {"seed": [1]},
+                "variants": [
+                    {"name": "later", "allocation": str(tmp_path / "not_yet.yaml")},
+                    {"name": "two", "experts": 2},
+                ],
+                "output": str(tmp_path / "out"),
+            }
+        )
+    )
+    assert main(["sweep", str(sweep), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/2] later_seed-1: pending (size unknown: --allocation: file ")
+    assert lines[0].endswith("not_yet.yaml not found)")
+    assert lines[1].startswith("[2/2] two_seed-1: pending (4 experts, ")

@@ -98,11 +98,12 @@ def run(args: argparse.Namespace) -> int:
         from mola.sweep.plan import run_size
 
         for index, item in enumerate(runs, 1):
-            experts, params = run_size(item)
-            print(
-                f"[{index}/{len(runs)}] {item.name}: {run_state(item).status} "
-                f"({experts} experts, {params:,d} trainable params)"
-            )
+            try:
+                experts, params = run_size(item)
+                size = f"{experts} experts, {params:,d} trainable params"
+            except (ValueError, OSError) as err:  # e.g. an allocation file still to be written
+                size = f"size unknown: {str(err).splitlines()[0]}"
+            print(f"[{index}/{len(runs)}] {item.name}: {run_state(item).status} ({size})")
         return 0
     baseline = baseline_of(runs, args.baseline)
     if args.from_results:
