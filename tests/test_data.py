@@ -213,7 +213,7 @@ def test_load_examples_file_wins_and_errors(tmp_path):
     with pytest.raises(DataError, match="no data"):
         load_examples(None, None, "train")
     with pytest.raises(
-        DataError, match=r"unknown task 'foo' \(choose from sarcasm, siqa, quartz\)"
+        DataError, match=r"unknown task 'foo' \(choose from sarcasm, siqa, quartz, logiqa\)"
     ):
         load_examples("foo", None, "train")
     with pytest.raises(DataError, match="unknown split 'dev'"):

@@ -294,8 +294,8 @@ def test_paired_differences_against_a_baseline(tmp_path, capsys):
         assert row["accuracy_diff_mean"] == pytest.approx(statistics.fmean(want))
         assert row["accuracy_diff_std"] == pytest.approx(statistics.stdev(want))
         assert row["accuracy_above"] == sum(d > 0 for d in want)
-    assert "| tri | siqa | 1,2,3 | +0.0200 ± 0.0265 (+0.0300, -0.0100, +0.0400) | 2 of 3 |" in text
-    assert "| tri | quartz | 1,2 | +0.0150 ± 0.0636 (-0.0300, +0.0600) | 1 of 2 |" in text
+    assert "| tri | siqa | 1,2,3 | +2.00 [-4.57, +8.57] | +3.00, -1.00, +4.00 | 2 of 3 |" in text
+    assert "| tri | quartz | 1,2 | +1.50 [-55.68, +58.68] | -3.00, +6.00 | 1 of 2 |" in text
     # without a baseline the report has no paired section
     assert "Paired" not in write_report(spec, runs, states)
 

@@ -10,6 +10,11 @@ located with :func:`importlib.util.find_spec` and never imported):
 * ``sarcasm``: news headlines, binary; choices ``["no", "yes"]`` ("yes" = sarcastic, index 1).
 * ``siqa``: Social IQa, three answer texts per question.
 * ``quartz``: QuaRTz science questions, two answer texts per question.
+* ``logiqa``: LogiQA logical reasoning: a passage (the example's ``input``), a question and four
+  answer texts.
+
+Several built-in tasks joined by ``+`` (``sarcasm+siqa+quartz+logiqa``) are a mixture
+(:mod:`mola.data.mixture`): trained on together, each scored on its own test split.
 
 Splits are fixed and independent of any user seed: every source row is parsed (malformed rows
 are skipped), exact duplicates are merged (duplicates that disagree on the answer are dropped
@@ -147,10 +152,30 @@ def _parse_quartz(record: Any) -> _Row | None:
     return _letter_row(match["q"].strip(), [match["a"], match["b"]], parsed[1])
 
 
+_LOGIQA_RE = re.compile(
+    r"^\s*(?:Passage:\s*)?(?P<p>.*?)\s*Question:\s*(?P<q>.*?)\s*\nA\. (?P<a>.*?)\nB\. (?P<b>.*?)"
+    r"\nC\. (?P<c>.*?)\nD\. (?P<d>.*?)\s*\nAnswer:\s*$",
+    re.S,
+)
+_LETTER_PREFIX = re.compile(r"^[A-D]\.\s*")
+
+
+def _parse_logiqa(record: Any) -> _Row | None:
+    parsed = _messages_text(record)
+    match = _LOGIQA_RE.match(parsed[0]) if parsed else None
+    if parsed is None or match is None:
+        return None
+    # each option repeats its letter: "A. A.Zhao chose ..."
+    choices = [_LETTER_PREFIX.sub("", match[k].strip()) for k in "abcd"]
+    row = _letter_row(match["q"].strip(), choices, parsed[1])
+    return None if row is None else (row[0], match["p"].strip(), row[2], row[3])
+
+
 TASKS: dict[str, tuple[str, Callable[[Any], _Row | None]]] = {
     "sarcasm": ("sarcasm/samples.jsonl", _parse_sarcasm),
     "siqa": ("theory_of_mind/socialiqa/test.jsonl", _parse_siqa),
     "quartz": ("quartz/samples.jsonl", _parse_quartz),
+    "logiqa": ("logiqa/logiqa.jsonl", _parse_logiqa),
 }
 """Built-in task name -> (path under the evals data dir, row parser)."""
 
@@ -201,7 +226,8 @@ def load_task(name: str, split: str) -> list[Example]:
     """Load a split of a built-in task.
 
     Args:
-        name: One of :data:`TASKS` (``sarcasm``, ``siqa``, ``quartz``).
+        name: One of :data:`TASKS` (``sarcasm``, ``siqa``, ``quartz``, ``logiqa``), or several
+            joined by ``+`` (:func:`mola.data.mixture.load_mixture`).
         split: ``"train"`` or ``"test"`` (the test split has :data:`TEST_SIZE` items).
 
     Returns:
@@ -211,6 +237,10 @@ def load_task(name: str, split: str) -> list[Example]:
         DataError: Unknown task or split, or the ``evals`` package is missing.
     """
     if name not in TASKS:
+        from mola.data.mixture import is_mixture, load_mixture
+
+        if is_mixture(name):
+            return load_mixture(name, split)
         raise DataError(f"unknown task '{name}' (choose from {', '.join(TASKS)})")
     _check_split(split)
     return [

@@ -10,9 +10,11 @@ are, the same for every seed of a group.
 :func:`paired_differences` compares every group with a baseline group (``--baseline
 variant=square``): the group that has the same labels but the baseline's value of one key. Runs
 are paired by seed (the same seed gives the same data order, initial router/expert draws aside),
-and for each metric it reports the per-seed differences, their mean and sample standard deviation
-and how many seeds came out above the baseline: a difference smaller than its spread over seeds
-is not a finding.
+and for each metric it reports the per-seed differences, their mean and sample standard deviation,
+the 95% t-interval of the mean difference (:func:`mola.sweep.stats.t_interval`, ``n - 1``
+degrees of freedom) and how many seeds came out above the baseline: a difference whose interval
+holds zero is not resolved. :func:`groups_from_results` rebuilds the groups from a
+``results.json`` written earlier (its per-seed values), for a report without the run dirs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mola.sweep.runner import RunState
-from mola.sweep.spec import Run
+from mola.sweep.spec import SEED_KEY, Run
+from mola.sweep.stats import t_interval, t_test_p
 
 TIME_METRIC = "train_s"
 
@@ -48,6 +51,7 @@ class Group:
     trainable_params: int | None = None
     total_experts: int | None = None
     by_seed: dict[str, dict[str, float]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # seed -> run dir (per-item data)
 
     @property
     def n(self) -> int:
@@ -90,6 +94,7 @@ def group_runs(runs: list[Run], states: dict[str, RunState]) -> list[Group]:
         group.seeds.append(run.labels.get("seed", str(run.options.get("seed", ""))))
         values = run_values(state.metrics)
         group.by_seed[group.seeds[-1]] = values
+        group.outputs[group.seeds[-1]] = run.output
         for key, value in values.items():
             group.values.setdefault(key, []).append(value)
         if group.trainable_params is None:
@@ -117,12 +122,27 @@ class Paired:
     baseline: dict[str, str]
     seeds: list[str]
     diffs: dict[str, list[float]]
+    outputs: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(seed, this group's run dir, the baseline's run dir)`` where both are known."""
 
     def mean(self, metric: str) -> float | None:
         return mean_of(self.diffs.get(metric))
 
     def std(self, metric: str) -> float | None:
         return std_of(self.diffs.get(metric))
+
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        """The 95% t-interval of the mean difference; ``None`` with fewer than two seeds."""
+        return t_interval(self.diffs.get(metric) or [])
+
+    def p_value(self, metric: str) -> float | None:
+        """Two-sided paired t-test p-value of the mean difference; ``None`` with one seed."""
+        return t_test_p(self.diffs.get(metric) or [])
+
+    def resolved(self, metric: str) -> bool:
+        """Whether the interval excludes zero."""
+        ci = self.interval(metric)
+        return ci is not None and (ci[0] > 0 or ci[1] < 0)
 
     def above(self, metric: str) -> int:
         """Seeds on which the group beat the baseline."""
@@ -172,5 +192,41 @@ def paired_differences(groups: list[Group], key: str, value: str) -> list[Paired
             ]
             if len(pairs) == len(seeds):
                 diffs[metric] = [a - b for a, b in pairs]
-        out.append(Paired(dict(group.labels), base.labels, seeds, diffs))
+        outputs = [
+            (s, group.outputs[s], base.outputs[s])
+            for s in seeds
+            if s in group.outputs and s in base.outputs
+        ]
+        out.append(Paired(dict(group.labels), base.labels, seeds, diffs, outputs))
     return out
+
+
+def groups_from_results(data: dict[str, Any]) -> list[Group]:
+    """The groups of a ``results.json`` (its ``groups``: labels, ``seeds`` and per-seed
+    ``values``), in its order; no run dirs, so no per-item comparison.
+
+    Raises:
+        ValueError: not a results file (no ``groups`` with ``seeds`` and ``values``).
+    """
+    keys = data.get("group_keys")
+    rows = data.get("groups")
+    if not isinstance(keys, list) or not isinstance(rows, list):
+        raise ValueError("not a mola sweep results.json (no group_keys and groups)")
+    groups: list[Group] = []
+    for row in rows:
+        seeds, values = row.get("seeds"), row.get("values")
+        if not isinstance(seeds, list) or not isinstance(values, dict):
+            raise ValueError("not a mola sweep results.json (a group without seeds and values)")
+        seeds = [str(s) for s in seeds]
+        group = Group(
+            labels={k: str(row[k]) for k in keys if k in row and k != SEED_KEY},
+            runs=[str(r) for r in row.get("runs") or seeds],
+            seeds=seeds,
+            values={k: [float(v) for v in vs] for k, vs in values.items()},
+            trainable_params=row.get("trainable_params"),
+            total_experts=row.get("total_experts"),
+        )
+        for i, seed in enumerate(seeds):
+            group.by_seed[seed] = {k: vs[i] for k, vs in group.values.items() if i < len(vs)}
+        groups.append(group)
+    return groups

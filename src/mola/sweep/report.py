@@ -5,7 +5,11 @@ grid keys), ``n`` (finished runs), ``<metric>_mean`` and ``<metric>_std`` for ea
 ``trainable_params`` and ``total_experts``. The Markdown table shows ``mean ± std`` and lists the
 runs that failed or are still to run; it is also what the terminal shows. With a baseline
 (``--baseline variant=square``) the Markdown report and ``results.json`` (``paired``) also hold
-every group's per-seed differences from it (:func:`mola.sweep.aggregate.paired_differences`).
+every group's per-seed differences from it (:func:`mola.sweep.aggregate.paired_differences`) with
+their 95% t-interval and whether it excludes zero, and, where the runs wrote per-item predictions,
+McNemar's test per seed and a paired bootstrap interval over the test items
+(:mod:`mola.sweep.items`). The paired table shows ``accuracy`` and, for runs that scored several
+tasks, each ``<task>_accuracy``; ``results.json`` has every metric.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mola.sweep.aggregate import (
     paired_differences,
     parse_baseline,
 )
+from mola.sweep.items import ItemTest, item_tests
 from mola.sweep.runner import RunState
 from mola.sweep.spec import VARIANT_KEY, Run, SweepSpec
 from mola.utils.io import atomic_write, write_json, write_text
@@ -79,18 +84,75 @@ def baseline_of(runs: list[Run], text: str | None) -> tuple[str, str] | None:
     return key, value
 
 
-def paired_table(paired: list[Paired], keys: list[str], metrics: list[str]) -> str:
-    """The first score metric's (``accuracy``'s) differences; ``results.json`` has them all."""
+def paired_metrics(metrics: list[str]) -> list[str]:
+    """The metrics of the paired table: ``accuracy`` (else the first score) and each
+    ``<task>_accuracy``."""
     scores = [m for m in metrics if m != TIME_METRIC]
-    metric = "accuracy" if "accuracy" in scores else scores[0]
-    header = [*keys, "seeds", f"Δ {metric} (per seed)", "seeds above"]
+    if not scores:
+        return []
+    first = "accuracy" if "accuracy" in scores else scores[0]
+    return [first, *(m for m in scores if m.endswith("_accuracy"))]
+
+
+def paired_table(
+    paired: list[Paired],
+    keys: list[str],
+    metrics: list[str],
+    items: list[dict[str, ItemTest]] | None = None,
+) -> str:
+    """One row per group and paired metric; ``results.json`` has every metric."""
+    shown = paired_metrics(metrics)
+    items = items or [{} for _ in paired]
+    with_items = any(items)
+    header = [*keys, "metric"] if len(shown) > 1 else list(keys)
+    header += ["seeds", "Δ mean [95% t-interval]", "per seed", "seeds above", "p", "resolved"]
+    if with_items:
+        header += ["McNemar p per seed (b/c)", "Δ items bootstrap 95%"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for p in paired:
-        diffs = p.diffs.get(metric) or []
-        cells = [p.labels.get(k, "") for k in keys] + [",".join(p.seeds)]
-        cells += [_diff(p.mean(metric), p.std(metric), diffs), f"{p.above(metric)} of {len(diffs)}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    for p, tests in zip(paired, items, strict=True):
+        for metric in shown:
+            diffs = p.diffs.get(metric)
+            if not diffs:
+                continue
+            cells = [p.labels.get(k, "") for k in keys] + ([metric] if len(shown) > 1 else [])
+            k = _scale(metric)
+            cells += [",".join(p.seeds), _ci(p.mean(metric), p.interval(metric), k)]
+            cells.append(", ".join(f"{k * d:+.2f}" for d in diffs))
+            cells.append(f"{p.above(metric)} of {len(diffs)}")
+            p_value = p.p_value(metric)
+            cells.append("" if p_value is None else f"{p_value:.2g}")
+            cells.append(_resolved(p, metric))
+            if with_items:
+                test = tests.get(metric)
+                cells += ["", ""] if test is None else [_mcnemar(test), _boot(test)]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_data(groups: list[Group], baseline: tuple[str, str]) -> dict[str, Any]:
+    """``results.json``'s ``paired``: per group, per metric: the per-seed differences, mean, std,
+    95% t-interval, seeds above, whether resolved; and the per-item tests where present."""
+    rows = []
+    for p in paired_differences(groups, *baseline):
+        tests = item_tests(p)
+        row: dict[str, Any] = {**p.labels, "seeds": p.seeds, "diffs": p.diffs}
+        for m in p.diffs:
+            ci = p.interval(m)
+            row[f"{m}_diff_mean"] = p.mean(m)
+            row[f"{m}_diff_std"] = p.std(m)
+            row[f"{m}_diff_ci95"] = list(ci) if ci else None
+            row[f"{m}_p"] = p.p_value(m)
+            row[f"{m}_above"] = p.above(m)
+            row[f"{m}_resolved"] = p.resolved(m)
+        if tests:
+            row["items"] = {m: t.to_dict() for m, t in tests.items()}
+        rows.append(row)
+    return {
+        "baseline": dict([baseline]),
+        "interval": "95% Student t over seeds (n - 1 degrees of freedom), of the mean "
+        "difference; resolved: the interval excludes 0",
+        "groups": rows,
+    }
 
 
 def report_data(
@@ -98,8 +160,9 @@ def report_data(
     runs: list[Run],
     states: dict[str, RunState],
     baseline: tuple[str, str] | None = None,
+    groups: list[Group] | None = None,
 ) -> tuple[list[Group], list[str], list[str], dict[str, Any]]:
-    groups = group_runs(runs, states)
+    groups = group_runs(runs, states) if groups is None else groups
     keys = label_keys(groups, runs)
     metrics = metric_names(groups)
     data: dict[str, Any] = {
@@ -132,20 +195,7 @@ def report_data(
         ],
     }
     if baseline is not None:
-        data["paired"] = {
-            "baseline": dict([baseline]),
-            "groups": [
-                {
-                    **p.labels,
-                    "seeds": p.seeds,
-                    "diffs": p.diffs,
-                    **{f"{m}_diff_mean": p.mean(m) for m in p.diffs},
-                    **{f"{m}_diff_std": p.std(m) for m in p.diffs},
-                    **{f"{m}_above": p.above(m) for m in p.diffs},
-                }
-                for p in paired_differences(groups, *baseline)
-            ],
-        }
+        data["paired"] = paired_data(groups, baseline)
     return groups, keys, metrics, data
 
 
@@ -168,13 +218,26 @@ def markdown_report(
     if baseline is not None:
         key, value = baseline
         paired = paired_differences(groups, key, value)
+        items = [item_tests(p) for p in paired]
         lines += [
             "",
-            f"Paired with {key}={value} (the same other labels, the same seed): mean ± sample "
-            "standard deviation of the per-seed differences (this group minus the baseline); "
-            "'above': seeds on which it beat the baseline.",
+            f"Paired with {key}={value} (the same other labels, the same seed): the mean of the "
+            "per-seed differences (this group minus the baseline; scores in percentage points) "
+            "with its 95% t-interval (Student t, seeds - 1 degrees of freedom); 'above': seeds "
+            "on which it beat the baseline; 'p': the paired t-test's two-sided p-value; "
+            "'resolved': the interval excludes 0 (else the difference is not detected, and not "
+            "refuted either: any true difference inside the interval fits the data).",
+        ]
+        if any(items):
+            lines += [
+                "Per test item, where the runs wrote predictions: McNemar's exact test per seed "
+                "(b items right only in this group, c only in the baseline) and a paired "
+                "bootstrap 95% interval over the items (10,000 resamples, seed 0) of the "
+                "difference averaged over seeds: the test set's sampling error alone.",
+            ]
+        lines += [
             "",
-            paired_table(paired, keys, metrics) if paired else "(no pairs finished yet)",
+            paired_table(paired, keys, metrics, items) if paired else "(no pairs finished yet)",
         ]
     failed = [r for r in runs if states[r.name].status == "failed"]
     if failed:
@@ -192,11 +255,14 @@ def write_report(
     runs: list[Run],
     states: dict[str, RunState],
     baseline: tuple[str, str] | None = None,
+    groups: list[Group] | None = None,
 ) -> str:
     """Write the four result files into the sweep's output dir; returns the Markdown report.
 
-    ``baseline`` (``(key, value)``, see :func:`baseline_of`) adds the paired differences."""
-    groups, keys, metrics, data = report_data(spec, runs, states, baseline)
+    ``baseline`` (``(key, value)``, see :func:`baseline_of`) adds the paired differences;
+    ``groups`` (e.g. :func:`mola.sweep.aggregate.groups_from_results`) replaces the groups read
+    from the run dirs."""
+    groups, keys, metrics, data = report_data(spec, runs, states, baseline, groups)
     text = markdown_report(spec, runs, states, groups, baseline)
     os.makedirs(spec.output, exist_ok=True)
     write_text(os.path.join(spec.output, "results.md"), text)
@@ -260,11 +326,33 @@ def _mean_std(mean: float | None, std: float | None, metric: str) -> str:
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
-def _diff(mean: float | None, std: float | None, diffs: list[float] | None) -> str:
-    if mean is None or not diffs:
+def _scale(metric: str) -> float:
+    """100 for the 0-1 scores (shown in points), 1 for any other metric (e.g. ``loss``)."""
+    return 100.0 if metric.endswith(("accuracy", "accuracy_norm", "f1", "mcc")) else 1.0
+
+
+def _ci(mean: float | None, ci: tuple[float, float] | None, k: float) -> str:
+    if mean is None:
         return ""
-    each = ", ".join(f"{d:+.4f}" for d in diffs)
-    return f"{mean:+.4f}" + (f" ± {std:.4f}" if std is not None else "") + f" ({each})"
+    return f"{k * mean:+.2f}" + (f" [{k * ci[0]:+.2f}, {k * ci[1]:+.2f}]" if ci else "")
+
+
+def _resolved(p: Paired, metric: str) -> str:
+    ci = p.interval(metric)
+    if ci is None:
+        return "n/a (1 seed)"
+    return "yes" if p.resolved(metric) else "no"
+
+
+def _mcnemar(test: ItemTest) -> str:
+    return ", ".join(f"{t.p:.2g} ({t.b}/{t.c})" for t in test.per_seed)
+
+
+def _boot(test: ItemTest) -> str:
+    if test.interval is None:
+        return ""
+    low, high = test.interval
+    return f"{100 * test.mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
 
 
 def _count(value: int | None) -> str:

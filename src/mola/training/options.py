@@ -41,7 +41,11 @@ class TrainOptions:
 
     # model and data
     model: str = _opt(DEFAULT_MODEL, "local HF model dir or built-in name")
-    task: str = _opt("sarcasm", "built-in task: sarcasm, siqa or quartz")
+    task: str = _opt(
+        "sarcasm",
+        "built-in task: sarcasm, siqa, quartz or logiqa; several joined by + train on their "
+        "mixture and score each task on its own test split",
+    )
     data: str | None = _opt(None, "training file (JSON/JSONL/CSV); overrides --task")
     eval_data: str | None = _opt(None, "evaluation file (default: the task's test split)")
     template: str = _opt("alpaca", "prompt template", choices=TEMPLATES)
@@ -133,7 +137,12 @@ class TrainOptions:
                     f"{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(choices)}"
                 )
         if self.data is None and self.task not in TASKS:
-            raise ValueError(f"--task: unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+            from mola.data.mixture import task_names
+
+            try:
+                task_names(self.task)
+            except ValueError as err:
+                raise ValueError(f"--task: {err}") from None
         if self.scheduler not in _schedulers():
             raise ValueError(
                 f"--scheduler: unknown schedule {self.scheduler!r}; choose from "

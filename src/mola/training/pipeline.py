@@ -14,6 +14,7 @@ from mola.core.checkpoint import check_adapter_files
 from mola.core.config import MolaConfig
 from mola.core.model import MolaModel, get_mola_model
 from mola.data.datasets import Example, limit_examples, load_examples, load_file, load_task
+from mola.data.mixture import is_mixture, task_test_splits
 from mola.data.prompts import DataCollator, encode_for_training
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
@@ -24,22 +25,28 @@ from mola.utils.distributed import check_launch, is_main_process
 from mola.utils.io import write_json, write_jsonl, write_text
 from mola.utils.tables import metrics_table
 
+EvalSets = dict[str, list[Example]]
+"""Evaluation examples by task name; ``""`` for a single task or an evaluation file."""
 
-def load_train_eval(opts: TrainOptions) -> tuple[list[Example], list[Example] | None]:
+
+def load_train_eval(opts: TrainOptions) -> tuple[list[Example], EvalSets | None]:
     """Training examples and evaluation examples (``None`` when there is nothing to evaluate).
 
-    Evaluation uses ``--eval-data`` if given, else the built-in task's test split; a user
-    training file without ``--eval-data`` is not evaluated.
+    Evaluation uses ``--eval-data`` if given, else the built-in task's test split (each task's
+    own, ``--eval-limit`` items of each, for a mixture ``a+b``); a user training file without
+    ``--eval-data`` is not evaluated.
     """
     train = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
-    evaluation = None
+    evaluation: EvalSets | None = None
     if opts.eval or opts.eval_before:
         if opts.eval_data:
-            evaluation = load_file(opts.eval_data)
+            evaluation = {"": load_file(opts.eval_data)}
+        elif not opts.data and is_mixture(opts.task):
+            evaluation = task_test_splits(opts.task)
         elif not opts.data:
-            evaluation = load_task(opts.task, "test")
+            evaluation = {"": load_task(opts.task, "test")}
         if evaluation is not None:
-            evaluation = limit_examples(evaluation, opts.eval_limit)
+            evaluation = {k: limit_examples(v, opts.eval_limit) for k, v in evaluation.items()}
     return train, evaluation
 
 
@@ -84,18 +91,23 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))
 
     def run_eval(model: Any, name: str) -> dict[str, float]:
-        metrics, records = evaluate(
-            model,
-            tokenizer,
-            eval_examples,
-            template=opts.template,
-            scoring=opts.scoring,
-            batch_size=opts.eval_batch_size,
-            cutoff_len=opts.cutoff_len,
-            progress=opts.progress,
-        )
+        per_task: dict[str, dict[str, float]] = {}
+        records: list[dict[str, Any]] = []
+        for task, examples in eval_examples.items():
+            metrics, task_records = evaluate(
+                model,
+                tokenizer,
+                examples,
+                template=opts.template,
+                scoring=opts.scoring,
+                batch_size=opts.eval_batch_size,
+                cutoff_len=opts.cutoff_len,
+                progress=opts.progress,
+            )
+            per_task[task] = metrics
+            records += [{"task": task, **r} if task else r for r in task_records]
         write_jsonl(os.path.join(opts.output, f"predictions_{name}.jsonl"), records)
-        return metrics
+        return per_task[""] if "" in per_task else mixture_metrics(per_task)
 
     results: dict[str, Any] = {"options": opts.to_dict()}
     timings: dict[str, float] = {}
@@ -136,6 +148,20 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     results["timings"] = timings
     write_json(os.path.join(opts.output, "metrics.json"), results)
     return results
+
+
+def mixture_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A mixture's metrics: each task's as ``<task>_<metric>``, and the metrics every task has
+    averaged over the tasks (each task weighs the same); ``n`` is the items scored in all."""
+    out: dict[str, float] = {}
+    shared = [m for m in next(iter(per_task.values())) if all(m in t for t in per_task.values())]
+    for metric in shared:
+        if metric != "n":
+            out[metric] = sum(t[metric] for t in per_task.values()) / len(per_task)
+    out["n"] = sum(int(t.get("n", 0)) for t in per_task.values())
+    for task, metrics in per_task.items():
+        out.update({f"{task}_{k}": v for k, v in metrics.items()})
+    return out
 
 
 def build_model(base: Any, config: MolaConfig, opts: TrainOptions) -> MolaModel:

@@ -1,0 +1,170 @@
+"""Task mixtures (``--task siqa+quartz``): interleaved training data, each task scored on its own
+test split, and the sweep report's per-task intervals and per-item tests from real predictions."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mola.cli import main
+from mola.data import datasets
+from mola.data.datasets import DataError, load_examples, load_task
+from mola.data.mixture import load_mixture, task_names, task_test_splits
+from mola.training.options import TrainOptions
+from mola.training.pipeline import mixture_metrics
+
+needs_evals = pytest.mark.skipif(
+    not datasets.importlib.util.find_spec("evals"), reason="the evals package holds the tasks"
+)
+
+
+def test_task_names_and_errors():
+    assert task_names("siqa") == ["siqa"]
+    assert task_names("sarcasm+siqa+quartz+logiqa") == ["sarcasm", "siqa", "quartz", "logiqa"]
+    for bad, message in (
+        ("siqa+", "unknown task '(empty)'"),
+        ("siqa+siqa", "names siqa twice"),
+        ("siqa+medmcqa", "unknown task 'medmcqa' in 'siqa+medmcqa'"),
+    ):
+        with pytest.raises(DataError, match=re.escape(message)):
+            task_names(bad)
+        with pytest.raises(ValueError, match=r"^--task: .*" + re.escape(message)):
+            TrainOptions(task=bad)
+    assert TrainOptions(task="quartz+siqa").task == "quartz+siqa"
+
+
+def test_logiqa_record_parsed():
+    record = {
+        "input": [
+            {"role": "system", "content": "Instructions: choose A, B, C or D."},
+            {
+                "role": "user",
+                "content": "\nPassage: All cats sleep. Tom is a cat.Question: What follows?\n"
+                "A. A.Tom sleeps.\nB. B.Tom flies.\nC. C.Tom swims.\nD. D.Tom is a dog.\nAnswer:",
+            },
+        ],
+        "ideal": "A",
+    }
+    row = datasets._parse_logiqa(record)
+    assert row == (
+        "What follows?",
+        "All cats sleep. Tom is a cat.",
+        "Tom sleeps.",
+        ("Tom sleeps.", "Tom flies.", "Tom swims.", "Tom is a dog."),
+    )
+    assert datasets._parse_logiqa({**record, "ideal": "E"}) is None
+
+
+@needs_evals
+def test_mixture_splits_interleave_and_stay_per_task():
+    siqa, quartz = load_task("siqa", "train"), load_task("quartz", "train")
+    mixed = load_mixture("siqa+quartz", "train")
+    assert len(mixed) == len(siqa) + len(quartz)
+    assert [e.instruction for e in mixed[:4]] == [
+        siqa[0].instruction, quartz[0].instruction, siqa[1].instruction, quartz[1].instruction
+    ]  # fmt: skip
+    tail = len(quartz) - len(siqa)  # quartz is longer: its last items come after siqa runs out
+    assert [e.instruction for e in mixed[-tail:]] == [e.instruction for e in quartz[len(siqa) :]]
+    assert load_examples("siqa+quartz", None, "train")[5].instruction == mixed[5].instruction
+    tests = task_test_splits("siqa+quartz")
+    assert list(tests) == ["siqa", "quartz"] and all(len(v) == 500 for v in tests.values())
+    logiqa = load_task("logiqa", "test")
+    assert len(logiqa) == 500 and all(len(e.choices) == 4 and e.input for e in logiqa)
+
+
+def test_mixture_metrics_average_tasks():
+    per_task = {
+        "siqa": {"accuracy": 0.4, "macro_f1": 0.39, "n": 500},
+        "quartz": {"accuracy": 0.6, "f1": 0.5, "mcc": 0.1, "n": 300},
+    }
+    out = mixture_metrics(per_task)
+    assert out["accuracy"] == pytest.approx(0.5) and out["n"] == 800
+    assert out["siqa_accuracy"] == 0.4 and out["quartz_mcc"] == 0.1 and out["siqa_n"] == 500
+    assert "macro_f1" not in out and "f1" not in out  # only the metrics every task has
+
+
+@needs_evals
+def test_sweep_on_a_mixture_reports_each_task(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "out"
+    sweep = tmp_path / "mix.yaml"
+    base = {
+        "model": str(tiny_llama_dir),
+        "task": "siqa+quartz",
+        "template": "qa",
+        "train_limit": 8,
+        "eval_limit": 6,
+        "max_steps": 2,
+        "batch_size": 4,
+        "cutoff_len": 64,
+        "eval_batch_size": 16,
+        "save_steps": 0,
+        "top_k": 1,
+        "lr": 5e-2,
+    }
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "grid": {"seed": [1, 2]},
+                "variants": [{"name": "one", "experts": 1}, {"name": "two", "experts": 2}],
+                "output": str(out),
+            }
+        )
+    )
+    assert main(["sweep", str(sweep), "--baseline", "variant=one"]) == 0
+    text = capsys.readouterr().out
+    run = out / "two_seed-1"
+    metrics = json.loads((run / "metrics.json").read_text())["fine_tuned"]
+    assert metrics["n"] == 12
+    assert metrics["accuracy"] == pytest.approx(
+        (metrics["siqa_accuracy"] + metrics["quartz_accuracy"]) / 2
+    )
+    records = [json.loads(line) for line in (run / "predictions_fine_tuned.jsonl").open()]
+    assert [r["task"] for r in records] == ["siqa"] * 6 + ["quartz"] * 6
+    for task in ("siqa", "quartz"):
+        right = [r["correct"] for r in records if r["task"] == task]
+        assert metrics[f"{task}_accuracy"] == pytest.approx(sum(right) / 6)
+
+    paired = json.loads((out / "results.json").read_text())["paired"]["groups"][0]
+    assert paired["variant"] == "two"
+    assert set(paired["items"]) == {"accuracy", "siqa_accuracy", "quartz_accuracy"}
+    for metric in ("accuracy", "siqa_accuracy", "quartz_accuracy"):
+        diffs = []
+        for seed, test in zip(("1", "2"), paired["items"][metric]["seeds"], strict=True):
+            mine = _correct(out / f"two_seed-{seed}", metric)
+            base_ = _correct(out / f"one_seed-{seed}", metric)
+            assert test["b"] == sum(a and not b for a, b in zip(mine, base_, strict=True))
+            assert test["c"] == sum(b and not a for a, b in zip(mine, base_, strict=True))
+            diffs.append(statistics.fmean(mine) - statistics.fmean(base_))
+        assert paired["diffs"][metric] == pytest.approx(diffs)
+    assert "| two | siqa_accuracy | 1,2 |" in text and "| two | quartz_accuracy | 1,2 |" in text
+
+
+def _correct(run: Path, metric: str) -> list[bool]:
+    task = metric.removesuffix("_accuracy") if metric != "accuracy" else None
+    rows = [json.loads(line) for line in (run / "predictions_fine_tuned.jsonl").open()]
+    return [bool(r["correct"]) for r in rows if task is None or r["task"] == task]
+
+
+def test_capacity_sweep_file_loads_stage_one_first():
+    from mola.sweep import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(str(root / "examples" / "sweeps" / "capacity.yaml"))
+    runs = spec.runs()
+    assert len(runs) == 8 * 3
+    names = [r.labels["variant"] for r in runs[:8]]
+    assert names[:3] == ["lora-r8", "square", "uniform-8"]  # stage 1 leads every seed
+    assert all(r.options["task"] == "sarcasm+siqa+quartz+logiqa" for r in runs)
+    r42 = next(r for r in runs if r.labels["variant"] == "lora-r42")
+    assert r42.options["alpha"] == pytest.approx(16 * (42 / 8) ** 0.5, abs=0.01)  # rsLoRA scale
+    shapes = {
+        r.labels["variant"]: r.options.get("experts") for r in runs if r.labels["seed"] == "1"
+    }
+    for shape in ("inverted-triangle", "triangle", "hourglass"):
+        assert sum(int(n) for n in shapes[shape].split(",")) == 150 == 5 * 30  # square's budget
