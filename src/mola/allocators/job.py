@@ -17,6 +17,7 @@ from mola.allocators.budget import (
 from mola.allocators.plot import plot_allocation
 from mola.allocators.probe import collate_rows, cycle, encode_examples, layer_costs, probe_model
 from mola.core.allocation_file import write_allocation
+from mola.data.prompts import default_template
 from mola.training.options import TrainOptions, _opt
 
 STRATEGIES = ("guilomo", "redundancy")
@@ -99,9 +100,8 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     costs = layer_costs(model)
     num_layers = len(costs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = encode_examples(
-        tokenizer, examples, opts.template, opts.cutoff_len, opts.train_on_inputs
-    )
+    template = opts.template or default_template(examples)
+    rows = encode_examples(tokenizer, examples, template, opts.cutoff_len, opts.train_on_inputs)
     train_batches = collate_rows(rows[:-held], opts.batch_size, int(pad or 0))
     held_batches = collate_rows(rows[-held:], opts.batch_size, int(pad or 0))
     top_ks = [top_k] * num_layers
@@ -176,7 +176,7 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
             "max_rank": r_max,
             "lr": opts.lr,
             "gsv_lr": opts.gsv_lr,
-            "template": opts.template,
+            "template": template,
             "first_loss": history[0],
             "last_loss": history[-1],
         },

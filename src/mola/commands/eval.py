@@ -7,7 +7,7 @@ import argparse
 import os
 
 from mola.data.datasets import limit_examples, load_examples
-from mola.data.prompts import TEMPLATES
+from mola.data.prompts import TEMPLATES, default_template
 from mola.evaluation.evaluate import SCORINGS, evaluate
 from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.models.hub import DEFAULT_MODEL
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     output = _output_dir(args)
     progress = not args.no_progress
     examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
-    template = args.template or training_template(args.adapter) or "alpaca"
+    template = args.template or training_template(args.adapter) or default_template(examples)
     if args.adapter:
         model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
     else:

@@ -32,9 +32,11 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mola.data.conversations import is_chat_row, parse_conversation
+from mola.data.example import DataError, Example
 
 TEST_SIZE = 500
 """Number of items in the fixed test split of every built-in task."""
@@ -46,36 +48,6 @@ SPLITS = ("train", "test")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 SARCASM_INSTRUCTION = "Is this news headline sarcastic? Answer yes or no."
-
-
-class DataError(ValueError):
-    """Invalid user data or data options; the message is one line meant for the user."""
-
-
-@dataclass
-class Example:
-    """One training or evaluation example.
-
-    Attributes:
-        instruction: The task or question text.
-        input: Optional context for the instruction ("" when absent).
-        output: The reference response; for multiple-choice examples, the gold choice text.
-        choices: The candidate answers of a multiple-choice example, else ``None``.
-        group: The example's type (an int >= 0; LoRAMoE's localized balancing), else ``None``.
-    """
-
-    instruction: str
-    input: str = ""
-    output: str = ""
-    choices: list[str] | None = None
-    group: int | None = None
-
-    @property
-    def label(self) -> int | None:
-        """Index of ``output`` in ``choices``, or ``None`` when it is not a choice."""
-        if not self.choices or self.output not in self.choices:
-            return None
-        return self.choices.index(self.output)
 
 
 # --------------------------------------------------------------------------- built-in tasks
@@ -294,6 +266,8 @@ def _row_to_example(row: dict[str, Any], where: str) -> Example:
 
 
 def _row_to_example_fields(row: dict[str, Any], where: str) -> Example:
+    if is_chat_row(row):
+        return parse_conversation(row, where)
     if "question" in row or "choices" in row:
         for field in ("question", "choices", "answer"):
             if field not in row:
@@ -314,8 +288,8 @@ def _row_to_example_fields(row: dict[str, Any], where: str) -> Example:
         )
     got = ", ".join(repr(k) for k in row) or "none"
     raise DataError(
-        f"{where}: expected fields 'instruction' and 'output', or 'question', 'choices' and "
-        f"'answer' (got {got})"
+        f"{where}: expected fields 'instruction' and 'output', 'question', 'choices' and "
+        f"'answer', or 'messages'/'conversations' (got {got})"
     )
 
 
@@ -399,7 +373,8 @@ def load_file(path: str | Path) -> list[Example]:
     The format follows the extension: ``.json`` (a list of objects), ``.jsonl``/``.ndjson``
     (one object per line; blank lines are ignored) or ``.csv`` (header row required). Each
     record is in instruction form (``instruction``, optional ``input``, ``output``) or
-    multiple-choice form (``question``, ``choices``, ``answer``, optional ``context``).
+    multiple-choice form (``question``, ``choices``, ``answer``, optional ``context``) or a
+    conversation (``messages`` or ShareGPT ``conversations``, :mod:`mola.data.conversations`).
     ``choices`` is a list; in CSV a JSON list string or ``|``-separated text. ``answer`` is the
     right choice's text or its letter (``A``, ``B``, ...). Extra fields are ignored.
 

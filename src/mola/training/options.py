@@ -44,7 +44,9 @@ class TrainOptions:
     task: str = _opt("sarcasm", "built-in task: sarcasm, siqa or quartz")
     data: str | None = _opt(None, "training file (JSON/JSONL/CSV); overrides --task")
     eval_data: str | None = _opt(None, "evaluation file (default: the task's test split)")
-    template: str = _opt("alpaca", "prompt template", choices=TEMPLATES)
+    template: str | None = _opt(
+        None, "prompt template (default: chat for chat data, else alpaca)", choices=TEMPLATES
+    )
     train_limit: int | None = _opt(None, "use at most this many training examples")
     eval_limit: int | None = _opt(None, "evaluate on at most this many examples")
     # MoLA
@@ -123,11 +125,13 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         """Check every option once, naming its flag and the accepted values."""
-        for name in ("model", "task", "output", "scheduler", "template", "router", "scoring"):
+        for name in ("model", "task", "output", "scheduler", "router", "scoring"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{_flag(name)}: must be a non-empty string")
         for name in ("template", "router", "scoring", "experts_structure"):
             choices = _FIELDS[name].metadata["choices"]
+            if name == "template" and self.template is None:
+                continue  # chosen from the data: chat for conversations, else alpaca
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(choices)}"

@@ -14,7 +14,7 @@ from mola.core.checkpoint import check_adapter_files
 from mola.core.config import MolaConfig
 from mola.core.model import MolaModel, get_mola_model
 from mola.data.datasets import Example, limit_examples, load_examples, load_file, load_task
-from mola.data.prompts import DataCollator, encode_for_training
+from mola.data.prompts import DataCollator, default_template, encode_training_set
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
@@ -69,6 +69,8 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         check_adapter_files(opts.init_from)  # a damaged adapter fails before the model loads
     mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
+    if opts.template is None:  # chat for conversations, else alpaca; recorded in the run config
+        opts = dataclasses.replace(opts, template=default_template(train_examples))
     base, tokenizer = load_base(opts.model, progress=opts.progress)
     if opts.allocation:  # a list of another length would be read as layer groups
         from mola.core.allocation_file import check_fits
@@ -112,10 +114,14 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
             f"mola: {_plural(len(train_examples), 'training example')}; experts per layer "
             f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
         )
-    rows = [
-        encode_for_training(tokenizer, e, opts.template, opts.cutoff_len, opts.train_on_inputs)
-        for e in train_examples
-    ]
+    rows = encode_training_set(
+        tokenizer,
+        train_examples,
+        opts.template,
+        opts.cutoff_len,
+        opts.train_on_inputs,
+        warn=print if main else lambda line: None,
+    )
     start = time.perf_counter()
     trained = train(model, rows, DataCollator(tokenizer.pad_token_id), opts)
     timings["train_s"] = time.perf_counter() - start
