@@ -82,13 +82,22 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     """Probe, allocate and write ``opts.output`` (YAML) and its PNG; returns the allocation."""
     from transformers import set_seed
 
-    from mola.data.datasets import limit_examples, load_examples
+    from mola.data.datasets import limit_examples
+    from mola.data.sources import load_examples
     from mola.models.loading import load_base
 
     set_seed(opts.seed)
     r_max = _single_int(opts.r, "--r")
     top_k = _single_int(opts.top_k, "--top-k")
-    examples = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
+    examples = load_examples(
+        opts.task,
+        opts.data,
+        "train",
+        data_split=opts.data_split,
+        data_config=opts.data_config,
+        data_columns=opts.data_columns,
+    )
+    examples = limit_examples(examples, opts.train_limit)
     examples = examples[: opts.probe_examples]
     held = max(1, round(opts.heldout * len(examples)))
     if len(examples) - held < 1:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from mola.data.datasets import limit_examples, load_examples
+from mola.data.datasets import limit_examples
 from mola.data.prompts import TEMPLATES, default_template
+from mola.data.sources import load_examples
 from mola.evaluation.evaluate import SCORINGS, evaluate
 from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.models.hub import DEFAULT_MODEL
@@ -22,8 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="adapter directory (omit for the base model)")
     parser.add_argument("--model", help=f"base model (default: the adapter's, or {DEFAULT_MODEL})")
     parser.add_argument("--task", default="sarcasm", help="built-in task (default: sarcasm)")
-    parser.add_argument("--data", help="evaluation file (JSON/JSONL/CSV); overrides --task")
+    parser.add_argument(
+        "--data",
+        help="evaluation data: JSON/JSONL/CSV/Parquet file, save_to_disk dir or Hub id ORG/NAME; "
+        "overrides --task",
+    )
     parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument(
+        "--data-split", help="split of --data when it has several (default: --split)"
+    )
+    parser.add_argument("--data-config", help="configuration name of a Hub dataset")
+    parser.add_argument(
+        "--data-columns", help="rename columns to mola's fields: question=query,answer=label"
+    )
     parser.add_argument("--limit", type=int, help="evaluate the first N examples")
     parser.add_argument(
         "--template",
@@ -76,7 +88,15 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     output = _output_dir(args)
     progress = not args.no_progress
-    examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
+    examples = load_examples(
+        args.task,
+        args.data,
+        args.split,
+        data_split=args.data_split or args.split,
+        data_config=args.data_config,
+        data_columns=args.data_columns,
+    )
+    examples = limit_examples(examples, args.limit)
     template = args.template or training_template(args.adapter) or default_template(examples)
     if args.adapter:
         model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)

@@ -31,10 +31,11 @@ import importlib.util
 import json
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mola.data.columns import map_columns
 from mola.data.conversations import is_chat_row, parse_conversation
 from mola.data.example import DataError, Example
 
@@ -259,10 +260,19 @@ def _group(value: Any, where: str) -> int | None:
 
 
 def _row_to_example(row: dict[str, Any], where: str) -> Example:
-    """Validate one record in instruction or multiple-choice form."""
+    """Validate one record in instruction, multiple-choice or chat form."""
     example = _row_to_example_fields(row, where)
     example.group = _group(row.get("group"), where)
     return example
+
+
+def rows_to_examples(
+    records: Iterable[tuple[str, dict[str, Any]]], columns: dict[str, str] | None = None
+) -> list[Example]:
+    """Validated examples of ``(where, row)`` records, columns renamed by ``columns``."""
+    return [
+        _row_to_example(map_columns(row, columns or {}, where), where) for where, row in records
+    ]
 
 
 def _row_to_example_fields(row: dict[str, Any], where: str) -> Example:
@@ -367,7 +377,7 @@ _READERS = {
 }
 
 
-def load_file(path: str | Path) -> list[Example]:
+def load_file(path: str | Path, columns: dict[str, str] | None = None) -> list[Example]:
     """Load and validate a user data file.
 
     The format follows the extension: ``.json`` (a list of objects), ``.jsonl``/``.ndjson``
@@ -380,6 +390,7 @@ def load_file(path: str | Path) -> list[Example]:
 
     Args:
         path: The data file.
+        columns: ``{field: column}`` renames (``--data-columns``, :func:`parse_columns`).
 
     Returns:
         The examples in file order.
@@ -395,7 +406,7 @@ def load_file(path: str | Path) -> list[Example]:
             f"{path.name}: unsupported file type '{path.suffix}' (use .json, .jsonl or .csv)"
         )
     text = _read_text(path)
-    examples = [_row_to_example(row, where) for where, row in reader(path, text)]
+    examples = rows_to_examples(reader(path, text), columns)
     if not examples:
         raise DataError(f"{path.name}: no examples found")
     return examples

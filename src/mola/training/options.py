@@ -17,6 +17,7 @@ import yaml
 
 from mola.core.allocation import check_spec
 from mola.core.config import LLAMA_TARGETS, MolaConfig, check_number, check_top_k
+from mola.data.columns import parse_columns
 from mola.data.datasets import TASKS
 from mola.data.prompts import TEMPLATES
 from mola.experts import STRUCTURES
@@ -42,8 +43,20 @@ class TrainOptions:
     # model and data
     model: str = _opt(DEFAULT_MODEL, "local HF model dir or built-in name")
     task: str = _opt("sarcasm", "built-in task: sarcasm, siqa or quartz")
-    data: str | None = _opt(None, "training file (JSON/JSONL/CSV); overrides --task")
-    eval_data: str | None = _opt(None, "evaluation file (default: the task's test split)")
+    data: str | None = _opt(
+        None,
+        "training data: JSON/JSONL/CSV/Parquet file, save_to_disk dir or Hub id ORG/NAME; "
+        "overrides --task",
+    )
+    eval_data: str | None = _opt(None, "evaluation data, as --data (default: the task's test)")
+    data_split: str | None = _opt(None, "split of --data when it has several (default: train)")
+    eval_data_split: str | None = _opt(
+        None, "split of --eval-data when it has several (default: test)"
+    )
+    data_config: str | None = _opt(None, "configuration name of a Hub dataset (load_dataset)")
+    data_columns: str | None = _opt(
+        None, "rename columns to mola's fields: question=query,answer=label"
+    )
     template: str | None = _opt(
         None, "prompt template (default: chat for chat data, else alpaca)", choices=TEMPLATES
     )
@@ -143,6 +156,7 @@ class TrainOptions:
                 f"--scheduler: unknown schedule {self.scheduler!r}; choose from "
                 f"{', '.join(_schedulers())}"
             )
+        parse_columns(self.data_columns)
         for name in ("data", "eval_data", "init_from"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise ValueError(f"{_flag(name)}: empty file name")

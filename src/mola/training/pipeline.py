@@ -13,8 +13,9 @@ from transformers import set_seed
 from mola.core.checkpoint import check_adapter_files
 from mola.core.config import MolaConfig
 from mola.core.model import MolaModel, get_mola_model
-from mola.data.datasets import Example, limit_examples, load_examples, load_file, load_task
+from mola.data.datasets import Example, limit_examples, load_task
 from mola.data.prompts import DataCollator, default_template, encode_training_set
+from mola.data.sources import load_examples
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
@@ -31,11 +32,14 @@ def load_train_eval(opts: TrainOptions) -> tuple[list[Example], list[Example] | 
     Evaluation uses ``--eval-data`` if given, else the built-in task's test split; a user
     training file without ``--eval-data`` is not evaluated.
     """
-    train = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
+    source = {"data_config": opts.data_config, "data_columns": opts.data_columns}
+    train = load_examples(opts.task, opts.data, "train", data_split=opts.data_split, **source)
+    train = limit_examples(train, opts.train_limit)
     evaluation = None
     if opts.eval or opts.eval_before:
         if opts.eval_data:
-            evaluation = load_file(opts.eval_data)
+            split = opts.eval_data_split or "test"
+            evaluation = load_examples(None, opts.eval_data, "test", data_split=split, **source)
         elif not opts.data:
             evaluation = load_task(opts.task, "test")
         if evaluation is not None:
