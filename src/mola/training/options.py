@@ -25,6 +25,7 @@ from mola.methods import METHODS
 from mola.models.hub import DEFAULT_MODEL
 from mola.routing import ROUTERS
 from mola.routing.scope import SCOPES
+from mola.training.trackers import parse_report_to
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -129,6 +130,9 @@ class TrainOptions:
     overwrite: bool = _opt(False, "replace a finished run already in --output")
     save_steps: int = _opt(50, "save a checkpoint every N steps (0: only at the end)")
     logging_steps: int = _opt(10, "log every N steps")
+    report_to: str = _opt(
+        "tensorboard", "experiment trackers: tensorboard, wandb, mlflow, a comma list, or none"
+    )
     # evaluation after training
     eval: bool = _opt(True, "evaluate on the test data after training")
     eval_before: bool = _opt(False, "also evaluate the base model (zero-shot) before training")
@@ -157,6 +161,7 @@ class TrainOptions:
                 f"{', '.join(_schedulers())}"
             )
         parse_columns(self.data_columns)
+        parse_report_to(self.report_to)
         for name in ("data", "eval_data", "init_from"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise ValueError(f"{_flag(name)}: empty file name")

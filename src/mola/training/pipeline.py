@@ -21,6 +21,8 @@ from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
 from mola.training.options import TrainOptions
 from mola.training.outputs import check_output, clear_previous_run, notes
+from mola.training.trackers import check_installed as check_trackers
+from mola.training.trackers import parse_report_to
 from mola.utils.distributed import check_launch, is_main_process
 from mola.utils.io import write_json, write_jsonl, write_text
 from mola.utils.tables import metrics_table
@@ -61,6 +63,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     from mola.training.trainer import train  # imports the Trainer stack only when training
 
     check_launch()
+    check_trackers(parse_report_to(opts.report_to))  # a missing package fails before the work
     set_seed(opts.seed)
     main = is_main_process()
     if not main:
