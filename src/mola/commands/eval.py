@@ -180,6 +180,7 @@ def _run_harness(args: argparse.Namespace, output: str, progress: bool) -> int:
         num_fewshot=args.num_fewshot,
         batch_size=args.batch_size,
         manager=manager,
+        progress=progress,
     )
     name = "adapter" if args.adapter else "base model"
     print(f"{name} on lm-evaluation-harness {', '.join(tasks)}")

@@ -65,6 +65,16 @@ def default_template(examples: Any) -> str:
     return "chat" if any(e.messages is not None for e in examples) else DEFAULT_TEMPLATE
 
 
+def check_template_fits(examples: Any, template: str) -> None:
+    """Chat data only with the ``chat`` template (checked before any work).
+
+    Raises:
+        DataError: a conversation and another template.
+    """
+    if any(e.messages is not None for e in examples):
+        _check_chat(template)
+
+
 def _check_chat(template: str) -> None:
     if template != "chat":
         raise DataError(

@@ -70,10 +70,13 @@ def run_harness(
     batch_size: int = 16,
     log_samples: bool = True,
     manager: Any = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run harness tasks on ``model`` (a ``MolaModel`` or a plain HF causal LM).
 
     ``manager`` is the :func:`task_manager` of ``tasks`` and ``include`` when already made.
+    ``progress=False`` hides the bars of the model's requests and of ``datasets`` (the harness
+    still shows one while it builds each task's requests).
 
     Returns:
         The harness's ``simple_evaluate`` result (``results``, ``configs``, ``n-shot``, ...,
@@ -84,21 +87,48 @@ def run_harness(
             include directory that does not exist.
     """
     manager = manager or task_manager(tasks, include)
+    import datasets
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-    )
+    lm = _model_class(progress)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    bars = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+        )
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if results is None:  # not the main process of a distributed harness run
         raise ValueError("--harness: the harness returned no results")
     return results
+
+
+def _model_class(progress: bool) -> type:
+    """``HFLM``, or with ``progress=False`` one whose requests show no progress bars."""
+    from lm_eval.models.huggingface import HFLM
+
+    if progress:
+        return HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def _default(value: Any) -> Any:

@@ -14,7 +14,12 @@ from mola.core.checkpoint import check_adapter_files
 from mola.core.config import MolaConfig
 from mola.core.model import MolaModel, get_mola_model
 from mola.data.datasets import Example, limit_examples, load_task
-from mola.data.prompts import DataCollator, default_template, encode_training_set
+from mola.data.prompts import (
+    DataCollator,
+    check_template_fits,
+    default_template,
+    encode_training_set,
+)
 from mola.data.sources import load_examples
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
@@ -78,6 +83,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     train_examples, eval_examples = load_train_eval(opts)
     if opts.template is None:  # chat for conversations, else alpaca; recorded in the run config
         opts = dataclasses.replace(opts, template=default_template(train_examples))
+    check_template_fits(train_examples + (eval_examples or []), opts.template)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
     if opts.allocation:  # a list of another length would be read as layer groups
         from mola.core.allocation_file import check_fits
