@@ -35,9 +35,10 @@ class AllocateOptions(TrainOptions):
         # the probe is its own short loop: none of the Trainer's schedule, precision or saving
         + ("epochs", "max_steps", "grad_accum", "warmup_ratio", "scheduler", "weight_decay")
         + ("gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "save_steps")
-        + ("logging_steps",)
+        + ("logging_steps", "report_to")
         # and no evaluation
         + ("eval_data", "eval_limit", "eval", "eval_before", "scoring", "eval_batch_size")
+        + ("eval_data_split",)
     )
     """Options of ``mola train`` that the probe ignores: ``mola allocate --help`` omits them."""
 
