@@ -119,7 +119,9 @@ def test_unknown_task_and_bad_flags_are_one_line(setup, tmp_path, capsys):
         "(add task YAMLs with --harness-include)"
     ]
     assert main([*args, "--num-fewshot", "2"]) == 2
-    assert "only with --harness" in capsys.readouterr().err
+    assert "--num-fewshot: only with --harness" in capsys.readouterr().err
+    assert main([*args, "--harness", "x", "--data", str(setup["data"])]) == 2
+    assert "not --data" in capsys.readouterr().err
     with pytest.raises(ValueError, match="task names separated by commas"):
         parse_tasks("a,,b")
     assert parse_tasks("a, b") == ["a", "b"]

@@ -155,3 +155,13 @@ def test_missing_tracker_package_is_named(monkeypatch):
     )
     with pytest.raises(ValueError, match=r"--report-to wandb: the wandb package is missing: pip"):
         check_installed(["tensorboard", "wandb"])
+
+
+@needs("mlflow")
+def test_mlflow_store_that_cannot_open_fails_before_the_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ValueError, match=r"^--report-to mlflow: cannot open the tracking store"):
+        check_installed(["mlflow"])
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_installed(["mlflow"])

@@ -72,8 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot: must be >= 0, got {args.num_fewshot}")
-    if (args.harness_include or args.num_fewshot is not None) and not args.harness:
-        raise ValueError("--harness-include/--num-fewshot: only with --harness TASK")
+    if args.harness_include and not args.harness:
+        raise ValueError("--harness-include: only with --harness TASK")
+    if args.num_fewshot is not None and not args.harness:
+        raise ValueError("--num-fewshot: only with --harness TASK")
+    if args.harness and args.data:
+        raise ValueError(
+            "--harness runs the harness's own tasks, not --data: put the file in a task YAML "
+            "(--harness-include) or drop --harness"
+        )
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: must be >= 1, got {args.limit}")
     if args.batch_size < 1:

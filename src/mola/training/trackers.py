@@ -68,6 +68,31 @@ def check_installed(names: list[str]) -> None:
     for name in names:
         if importlib.util.find_spec(name) is None:
             raise ValueError(f"--report-to {name}: the {name} package is missing: {_INSTALL[name]}")
+    if "mlflow" in names:
+        check_mlflow_store()
+
+
+def check_mlflow_store() -> None:
+    """MLflow can open its tracking store (checked before the work, not mid-run).
+
+    MLflow 3 refuses a directory store (its default ``./mlruns``) unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``, and ``mlflow-skinny`` has no SQL backend.
+
+    Raises:
+        ValueError: the store cannot be opened (one line: the URI and MLflow's first sentence).
+    """
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.tracking.MlflowClient(tracking_uri=uri)._tracking_client.store  # noqa: B018
+    except Exception as err:  # MlflowException, ImportError of a backend, ...
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = text.split(". ")[0].rstrip(".")
+        raise ValueError(
+            f"--report-to mlflow: cannot open the tracking store {uri} ({reason}); set "
+            "MLFLOW_TRACKING_URI, or MLFLOW_ALLOW_FILE_STORE=true for a local directory"
+        ) from None
 
 
 def _flat(options: dict[str, Any]) -> dict[str, str]:
