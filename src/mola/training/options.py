@@ -50,16 +50,14 @@ class TrainOptions:
         "overrides --task",
     )
     eval_data: str | None = _opt(None, "evaluation data, as --data (default: the task's test)")
-    data_split: str | None = _opt(None, "split of --data when it has several (default: train)")
-    eval_data_split: str | None = _opt(
-        None, "split of --eval-data when it has several (default: test)"
-    )
+    data_split: str | None = _opt(None, "split of --data when it has several; None: train")
+    eval_data_split: str | None = _opt(None, "split of --eval-data when it has several; None: test")
     data_config: str | None = _opt(None, "configuration name of a Hub dataset (load_dataset)")
     data_columns: str | None = _opt(
         None, "rename columns to mola's fields: question=query,answer=label"
     )
     template: str | None = _opt(
-        None, "prompt template (default: chat for chat data, else alpaca)", choices=TEMPLATES
+        None, "prompt template; None: chat for chat data, else alpaca", choices=TEMPLATES
     )
     train_limit: int | None = _opt(None, "use at most this many training examples")
     eval_limit: int | None = _opt(None, "evaluate on at most this many examples")
