@@ -30,6 +30,9 @@ from safetensors.torch import load_file, save_file
 from mola.cli import main
 
 REAL_CLI = os.environ.get("MOLA_TEST_REAL_CLI") == "1"
+CHAT_ROW = {
+    "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+}
 
 SERVER = r"""
 import json, os, sys, traceback
@@ -279,6 +282,32 @@ ROWS = [
     ),
     ("resume-and-overwrite", lambda w: w.train("--resume", "--overwrite"), "--resume"),
     ("task-unknown", lambda w: ["train", "--task", "nope"], "--task: unknown task 'nope'"),
+    ("report-to-unknown", lambda w: w.train("--report-to", "comet"), "--report-to: unknown"),
+    ("data-columns-not-pairs", lambda w: w.train("--data-columns", "question"), "--data-columns"),
+    (
+        "chat-unknown-role",
+        lambda w: w.train(
+            "--data", w.write("c.jsonl", json.dumps({"messages": [{"role": "bot"}]}))
+        ),
+        "c.jsonl line 1: field 'messages' turn 1",
+    ),
+    (
+        "chat-data-alpaca-template",
+        lambda w: w.train(
+            "--data", w.write("c.jsonl", json.dumps(CHAT_ROW)), "--template", "alpaca"
+        ),
+        "--template alpaca: chat data",
+    ),
+    (
+        "data-columns-missing-column",
+        lambda w: w.train("--data", w.data, "--data-columns", "question=query"),
+        "mc.jsonl line 1: no column 'query'",
+    ),
+    (
+        "harness-fewshot-alone",
+        lambda w: ["eval", "--adapter", w.run, "--num-fewshot", "2"],
+        "--num-fewshot: only with --harness",
+    ),
     # -- config files
     ("yaml-missing", lambda w: ["train", str(w.case / "missing.yaml")], "missing.yaml"),
     ("yaml-unknown-key", lambda w: ["train", w.write("k.yaml", "learning_rate: 1\n")], "k.yaml"),

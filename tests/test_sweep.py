@@ -19,6 +19,7 @@ import yaml
 from mola.cli import main
 from mola.sweep import load_spec, run_state
 from mola.sweep.spec import Run
+from mola.training.options import TrainOptions
 
 ROWS = [
     {"question": "Is the sky blue on a clear day?", "choices": ["yes", "no"], "answer": "yes"},
@@ -308,3 +309,13 @@ def test_paired_differences_against_a_baseline(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["sweep", str(sweep), "--report", "--baseline", "variant=square"]) == 0
     assert "(no pairs finished yet)" in capsys.readouterr().out
+
+
+def test_a_template_chosen_at_run_time_matches_the_recorded_one():
+    from mola.sweep.runner import same_options
+
+    resolved = TrainOptions(task="siqa").to_dict()  # template unset: chosen from the data
+    assert resolved["template"] is None
+    assert same_options({**resolved, "template": "alpaca"}, resolved)
+    explicit = TrainOptions(task="siqa", template="qa").to_dict()
+    assert not same_options({**explicit, "template": "alpaca"}, explicit)

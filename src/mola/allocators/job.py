@@ -17,6 +17,7 @@ from mola.allocators.budget import (
 from mola.allocators.plot import plot_allocation
 from mola.allocators.probe import collate_rows, cycle, encode_examples, layer_costs, probe_model
 from mola.core.allocation_file import write_allocation
+from mola.data.prompts import default_template
 from mola.training.options import TrainOptions, _opt
 
 STRATEGIES = ("guilomo", "redundancy")
@@ -34,9 +35,10 @@ class AllocateOptions(TrainOptions):
         # the probe is its own short loop: none of the Trainer's schedule, precision or saving
         + ("epochs", "max_steps", "grad_accum", "warmup_ratio", "scheduler", "weight_decay")
         + ("gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "save_steps")
-        + ("logging_steps",)
+        + ("logging_steps", "report_to")
         # and no evaluation
         + ("eval_data", "eval_limit", "eval", "eval_before", "scoring", "eval_batch_size")
+        + ("eval_data_split",)
     )
     """Options of ``mola train`` that the probe ignores: ``mola allocate --help`` omits them."""
 
@@ -81,13 +83,22 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     """Probe, allocate and write ``opts.output`` (YAML) and its PNG; returns the allocation."""
     from transformers import set_seed
 
-    from mola.data.datasets import limit_examples, load_examples
+    from mola.data.datasets import limit_examples
+    from mola.data.sources import load_examples
     from mola.models.loading import load_base
 
     set_seed(opts.seed)
     r_max = _single_int(opts.r, "--r")
     top_k = _single_int(opts.top_k, "--top-k")
-    examples = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
+    examples = load_examples(
+        opts.task,
+        opts.data,
+        "train",
+        data_split=opts.data_split,
+        data_config=opts.data_config,
+        data_columns=opts.data_columns,
+    )
+    examples = limit_examples(examples, opts.train_limit)
     examples = examples[: opts.probe_examples]
     held = max(1, round(opts.heldout * len(examples)))
     if len(examples) - held < 1:
@@ -99,9 +110,8 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     costs = layer_costs(model)
     num_layers = len(costs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = encode_examples(
-        tokenizer, examples, opts.template, opts.cutoff_len, opts.train_on_inputs
-    )
+    template = opts.template or default_template(examples)
+    rows = encode_examples(tokenizer, examples, template, opts.cutoff_len, opts.train_on_inputs)
     train_batches = collate_rows(rows[:-held], opts.batch_size, int(pad or 0))
     held_batches = collate_rows(rows[-held:], opts.batch_size, int(pad or 0))
     top_ks = [top_k] * num_layers
@@ -176,7 +186,7 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
             "max_rank": r_max,
             "lr": opts.lr,
             "gsv_lr": opts.gsv_lr,
-            "template": opts.template,
+            "template": template,
             "first_loss": history[0],
             "last_loss": history[-1],
         },

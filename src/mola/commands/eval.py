@@ -1,13 +1,19 @@
 """``mola eval [--adapter DIR] [--task T | --data FILE] [--limit N]``: metrics of an adapter,
-or of the base model (zero-shot) without ``--adapter``."""
+or of the base model (zero-shot) without ``--adapter``.
+
+``--harness TASK[,TASK]`` runs lm-evaluation-harness tasks on the same model object instead of
+mola's own scoring (:mod:`mola.evaluation.harness`); their results go to
+``harness_results.json`` in the output directory, where mola's ``metrics.json`` goes."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
-from mola.data.datasets import limit_examples, load_examples
-from mola.data.prompts import TEMPLATES
+from mola.data.datasets import limit_examples
+from mola.data.prompts import TEMPLATES, default_template
+from mola.data.sources import load_examples
 from mola.evaluation.evaluate import SCORINGS, evaluate
 from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.inference.fused import add_group_argument, group_for_cli
@@ -23,8 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="adapter directory (omit for the base model)")
     parser.add_argument("--model", help=f"base model (default: the adapter's, or {DEFAULT_MODEL})")
     parser.add_argument("--task", default="sarcasm", help="built-in task (default: sarcasm)")
-    parser.add_argument("--data", help="evaluation file (JSON/JSONL/CSV); overrides --task")
+    parser.add_argument(
+        "--data",
+        help="evaluation data: JSON/JSONL/CSV/Parquet file, save_to_disk dir or Hub id ORG/NAME; "
+        "overrides --task",
+    )
     parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument(
+        "--data-split", help="split of --data when it has several (default: --split)"
+    )
+    parser.add_argument("--data-config", help="configuration name of a Hub dataset")
+    parser.add_argument(
+        "--data-columns", help="rename columns to mola's fields: question=query,answer=label"
+    )
     parser.add_argument("--limit", type=int, help="evaluate the first N examples")
     parser.add_argument(
         "--template",
@@ -39,11 +56,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory for metrics JSON and predictions (default: <adapter>/eval, or runs/eval)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--harness",
+        metavar="TASK[,TASK]",
+        help="run lm-evaluation-harness tasks instead of mola's scoring (mola-lora[harness])",
+    )
+    parser.add_argument(
+        "--harness-include", metavar="DIR", help="directory of extra harness task YAML files"
+    )
+    parser.add_argument(
+        "--num-fewshot", type=int, help="few-shot examples per harness prompt (default: task's)"
+    )
     add_compile_argument(parser)
     add_group_argument(parser)
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot: must be >= 0, got {args.num_fewshot}")
+    if args.harness_include and not args.harness:
+        raise ValueError("--harness-include: only with --harness TASK")
+    if args.num_fewshot is not None and not args.harness:
+        raise ValueError("--num-fewshot: only with --harness TASK")
+    if args.harness and args.data:
+        raise ValueError(
+            "--harness runs the harness's own tasks, not --data: put the file in a task YAML "
+            "(--harness-include) or drop --harness"
+        )
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: must be >= 1, got {args.limit}")
     if args.batch_size < 1:
@@ -78,12 +117,19 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     output = _output_dir(args)
     progress = not args.no_progress
-    examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
-    template = args.template or training_template(args.adapter) or "alpaca"
-    if args.adapter:
-        model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
-    else:
-        model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
+    if args.harness:
+        return _run_harness(args, output, progress)
+    examples = load_examples(
+        args.task,
+        args.data,
+        args.split,
+        data_split=args.data_split or args.split,
+        data_config=args.data_config,
+        data_columns=args.data_columns,
+    )
+    examples = limit_examples(examples, args.limit)
+    template = args.template or training_template(args.adapter) or default_template(examples)
+    model, tokenizer = _load_model(args, progress)
     compile_for_cli(model, args.compile)
     group_for_cli(model, args)
     metrics, records = evaluate(
@@ -112,4 +158,43 @@ def run(args: argparse.Namespace) -> int:
     )
     write_jsonl(os.path.join(output, "predictions.jsonl"), records)
     print(f"wrote {os.path.join(output, 'metrics.json')} and predictions.jsonl")
+    return 0
+
+
+def _load_model(args: argparse.Namespace, progress: bool) -> tuple[Any, Any]:
+    if args.adapter:
+        return load_adapted(args.adapter, args.model, progress=progress)
+    return load_base(args.model or DEFAULT_MODEL, progress=progress)
+
+
+def _run_harness(args: argparse.Namespace, output: str, progress: bool) -> int:
+    """``--harness``: the harness's tasks on mola's model; its table and results JSON."""
+    from mola.evaluation.harness import (
+        parse_tasks,
+        results_table,
+        run_harness,
+        task_manager,
+        write_results,
+    )
+
+    tasks = parse_tasks(args.harness)
+    manager = task_manager(tasks, args.harness_include)  # unknown tasks fail before the model
+    model, tokenizer = _load_model(args, progress)
+    compile_for_cli(model, args.compile)
+    results = run_harness(
+        model,
+        tokenizer,
+        tasks,
+        include=args.harness_include,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        manager=manager,
+        progress=progress,
+    )
+    name = "adapter" if args.adapter else "base model"
+    print(f"{name} on lm-evaluation-harness {', '.join(tasks)}")
+    print(results_table(results))
+    written = write_results(results, output)
+    print(f"wrote {' and '.join(written)}")
     return 0

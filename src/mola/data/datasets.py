@@ -36,10 +36,13 @@ import importlib.util
 import json
 import random
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from mola.data.columns import map_columns
+from mola.data.conversations import is_chat_row, parse_conversation
+from mola.data.example import DataError, Example
 
 TEST_SIZE = 500
 """Number of items in the fixed test split of every built-in task."""
@@ -51,36 +54,6 @@ SPLITS = ("train", "test")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 SARCASM_INSTRUCTION = "Is this news headline sarcastic? Answer yes or no."
-
-
-class DataError(ValueError):
-    """Invalid user data or data options; the message is one line meant for the user."""
-
-
-@dataclass
-class Example:
-    """One training or evaluation example.
-
-    Attributes:
-        instruction: The task or question text.
-        input: Optional context for the instruction ("" when absent).
-        output: The reference response; for multiple-choice examples, the gold choice text.
-        choices: The candidate answers of a multiple-choice example, else ``None``.
-        group: The example's type (an int >= 0; LoRAMoE's localized balancing), else ``None``.
-    """
-
-    instruction: str
-    input: str = ""
-    output: str = ""
-    choices: list[str] | None = None
-    group: int | None = None
-
-    @property
-    def label(self) -> int | None:
-        """Index of ``output`` in ``choices``, or ``None`` when it is not a choice."""
-        if not self.choices or self.output not in self.choices:
-            return None
-        return self.choices.index(self.output)
 
 
 # --------------------------------------------------------------------------- built-in tasks
@@ -317,13 +290,24 @@ def _group(value: Any, where: str) -> int | None:
 
 
 def _row_to_example(row: dict[str, Any], where: str) -> Example:
-    """Validate one record in instruction or multiple-choice form."""
+    """Validate one record in instruction, multiple-choice or chat form."""
     example = _row_to_example_fields(row, where)
     example.group = _group(row.get("group"), where)
     return example
 
 
+def rows_to_examples(
+    records: Iterable[tuple[str, dict[str, Any]]], columns: dict[str, str] | None = None
+) -> list[Example]:
+    """Validated examples of ``(where, row)`` records, columns renamed by ``columns``."""
+    return [
+        _row_to_example(map_columns(row, columns or {}, where), where) for where, row in records
+    ]
+
+
 def _row_to_example_fields(row: dict[str, Any], where: str) -> Example:
+    if is_chat_row(row):
+        return parse_conversation(row, where)
     if "question" in row or "choices" in row:
         for field in ("question", "choices", "answer"):
             if field not in row:
@@ -344,8 +328,8 @@ def _row_to_example_fields(row: dict[str, Any], where: str) -> Example:
         )
     got = ", ".join(repr(k) for k in row) or "none"
     raise DataError(
-        f"{where}: expected fields 'instruction' and 'output', or 'question', 'choices' and "
-        f"'answer' (got {got})"
+        f"{where}: expected fields 'instruction' and 'output', 'question', 'choices' and "
+        f"'answer', or 'messages'/'conversations' (got {got})"
     )
 
 
@@ -423,18 +407,20 @@ _READERS = {
 }
 
 
-def load_file(path: str | Path) -> list[Example]:
+def load_file(path: str | Path, columns: dict[str, str] | None = None) -> list[Example]:
     """Load and validate a user data file.
 
     The format follows the extension: ``.json`` (a list of objects), ``.jsonl``/``.ndjson``
     (one object per line; blank lines are ignored) or ``.csv`` (header row required). Each
     record is in instruction form (``instruction``, optional ``input``, ``output``) or
-    multiple-choice form (``question``, ``choices``, ``answer``, optional ``context``).
+    multiple-choice form (``question``, ``choices``, ``answer``, optional ``context``) or a
+    conversation (``messages`` or ShareGPT ``conversations``, :mod:`mola.data.conversations`).
     ``choices`` is a list; in CSV a JSON list string or ``|``-separated text. ``answer`` is the
     right choice's text or its letter (``A``, ``B``, ...). Extra fields are ignored.
 
     Args:
         path: The data file.
+        columns: ``{field: column}`` renames (``--data-columns``, :func:`parse_columns`).
 
     Returns:
         The examples in file order.
@@ -450,7 +436,7 @@ def load_file(path: str | Path) -> list[Example]:
             f"{path.name}: unsupported file type '{path.suffix}' (use .json, .jsonl or .csv)"
         )
     text = _read_text(path)
-    examples = [_row_to_example(row, where) for where, row in reader(path, text)]
+    examples = rows_to_examples(reader(path, text), columns)
     if not examples:
         raise DataError(f"{path.name}: no examples found")
     return examples

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from mola.data.conversations import encode_conversation, render_context
 from mola.data.datasets import LETTERS, DataError, Example
 
 TEMPLATES = ("alpaca", "qa", "chat")
-"""Names of the prompt templates; ``alpaca`` is the default."""
+"""Names of the prompt templates; ``alpaca`` is the default (``chat`` for chat data)."""
 
 DEFAULT_TEMPLATE = "alpaca"
 IGNORE_INDEX = -100
@@ -59,6 +60,29 @@ def _check_template(template: str) -> None:
         raise DataError(f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
 
 
+def default_template(examples: Any) -> str:
+    """``chat`` when any example is a conversation, else :data:`DEFAULT_TEMPLATE`."""
+    return "chat" if any(e.messages is not None for e in examples) else DEFAULT_TEMPLATE
+
+
+def check_template_fits(examples: Any, template: str) -> None:
+    """Chat data only with the ``chat`` template (checked before any work).
+
+    Raises:
+        DataError: a conversation and another template.
+    """
+    if any(e.messages is not None for e in examples):
+        _check_chat(template)
+
+
+def _check_chat(template: str) -> None:
+    if template != "chat":
+        raise DataError(
+            f"--template {template}: chat data (messages/conversations) is rendered with the "
+            "model's chat template; use --template chat (the default for such data)"
+        )
+
+
 def render_prompt(
     example: Example,
     template: str = DEFAULT_TEMPLATE,
@@ -78,6 +102,9 @@ def render_prompt(
         DataError: Unknown template, or ``chat`` without a tokenizer chat template.
     """
     _check_template(template)
+    if example.messages is not None:
+        _check_chat(template)
+        return render_context(tokenizer, example.messages)
     instruction = example.instruction.strip()
     context = example.input.strip()
     options = _options(example, show_choices)
@@ -216,6 +243,9 @@ def encode_for_training(
         ``train_on_inputs``), all lists of int of equal length.
     """
     _check_cutoff(cutoff_len)
+    if example.messages is not None:
+        _check_chat(template)
+        return encode_conversation(tokenizer, example, cutoff_len, train_on_inputs).row
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token")
     prompt_text, response_text = render(example, template, tokenizer, show_choices=show_choices)
@@ -235,6 +265,56 @@ def encode_for_training(
     if example.group is not None:
         encoded["group"] = example.group
     return encoded
+
+
+def encode_training_set(
+    tokenizer: Any,
+    examples: list[Example],
+    template: str = DEFAULT_TEMPLATE,
+    cutoff_len: int = 256,
+    train_on_inputs: bool = False,
+    *,
+    warn: Any = print,
+) -> list[dict[str, list[int]]]:
+    """:func:`encode_for_training` over a data set; conversations cut short are reported.
+
+    A conversation that ``cutoff_len`` cuts before its first assistant token has nothing to
+    learn: it is left out (kept with ``train_on_inputs``, which trains on its other tokens),
+    and one line through ``warn`` says how many conversations were cut and how many of them
+    lost every assistant token.
+
+    Raises:
+        DataError: every conversation lost its assistant tokens.
+    """
+    _check_cutoff(cutoff_len)
+    rows, cut, emptied = [], 0, 0
+    for example in examples:
+        if example.messages is None:
+            rows.append(
+                encode_for_training(tokenizer, example, template, cutoff_len, train_on_inputs)
+            )
+            continue
+        _check_chat(template)
+        encoded = encode_conversation(tokenizer, example, cutoff_len, train_on_inputs)
+        cut += encoded.truncated
+        if encoded.assistant_tokens == 0:
+            emptied += 1
+            if not train_on_inputs:
+                continue
+        rows.append(encoded.row)
+    if emptied:
+        fate = "kept for their other tokens" if train_on_inputs else "left out"
+        warn(
+            f"mola: warning: --cutoff-len {cutoff_len} cut {cut} conversations; {emptied} of "
+            f"them kept no assistant token ({fate}); raise --cutoff-len to train on them"
+        )
+    elif cut:
+        warn(f"mola: note: --cutoff-len {cutoff_len} cut {cut} conversations short")
+    if not rows:
+        raise DataError(
+            f"--cutoff-len {cutoff_len}: no conversation keeps an assistant token; raise it"
+        )
+    return rows
 
 
 def encode_choices(

@@ -34,6 +34,10 @@ LOG = "sweep.log"
 IGNORED_OPTIONS = frozenset({"output", "resume", "overwrite", "progress"})
 """Options that do not change what a run computes, left out when comparing configs."""
 
+CHOSEN_AT_RUN = frozenset({"template"})
+"""Options whose unset value (``None``) the run resolves from its data (``chat`` for
+conversations, else ``alpaca``) and records: a recorded value matches an unset one."""
+
 
 @dataclass
 class RunState:
@@ -53,7 +57,7 @@ def same_options(recorded: dict[str, Any], resolved: dict[str, Any]) -> bool:
     """
     defaults = {f.name: f.default for f in fields(TrainOptions)}
     for key, value in resolved.items():
-        if key in IGNORED_OPTIONS:
+        if key in IGNORED_OPTIONS or (value is None and key in CHOSEN_AT_RUN):
             continue
         if key in recorded:
             if recorded[key] != value:

@@ -17,6 +17,7 @@ import yaml
 
 from mola.core.allocation import check_spec
 from mola.core.config import LLAMA_TARGETS, MolaConfig, check_number, check_top_k
+from mola.data.columns import parse_columns
 from mola.data.datasets import TASKS
 from mola.data.prompts import TEMPLATES
 from mola.experts import STRUCTURES
@@ -24,6 +25,7 @@ from mola.methods import METHODS
 from mola.models.hub import DEFAULT_MODEL
 from mola.routing import ROUTERS
 from mola.routing.scope import SCOPES
+from mola.training.trackers import parse_report_to
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -46,9 +48,21 @@ class TrainOptions:
         "built-in task: sarcasm, siqa, quartz or logiqa; several joined by + train on their "
         "mixture and score each task on its own test split",
     )
-    data: str | None = _opt(None, "training file (JSON/JSONL/CSV); overrides --task")
-    eval_data: str | None = _opt(None, "evaluation file (default: the task's test split)")
-    template: str = _opt("alpaca", "prompt template", choices=TEMPLATES)
+    data: str | None = _opt(
+        None,
+        "training data: JSON/JSONL/CSV/Parquet file, save_to_disk dir or Hub id ORG/NAME; "
+        "overrides --task",
+    )
+    eval_data: str | None = _opt(None, "evaluation data, as --data (default: the task's test)")
+    data_split: str | None = _opt(None, "split of --data when it has several; None: train")
+    eval_data_split: str | None = _opt(None, "split of --eval-data when it has several; None: test")
+    data_config: str | None = _opt(None, "configuration name of a Hub dataset (load_dataset)")
+    data_columns: str | None = _opt(
+        None, "rename columns to mola's fields: question=query,answer=label"
+    )
+    template: str | None = _opt(
+        None, "prompt template; None: chat for chat data, else alpaca", choices=TEMPLATES
+    )
     train_limit: int | None = _opt(None, "use at most this many training examples")
     eval_limit: int | None = _opt(None, "evaluate on at most this many examples")
     # MoLA
@@ -118,6 +132,9 @@ class TrainOptions:
     overwrite: bool = _opt(False, "replace a finished run already in --output")
     save_steps: int = _opt(50, "save a checkpoint every N steps (0: only at the end)")
     logging_steps: int = _opt(10, "log every N steps")
+    report_to: str = _opt(
+        "tensorboard", "experiment trackers: tensorboard, wandb, mlflow, a comma list, or none"
+    )
     # evaluation after training
     eval: bool = _opt(True, "evaluate on the test data after training")
     eval_before: bool = _opt(False, "also evaluate the base model (zero-shot) before training")
@@ -127,11 +144,13 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         """Check every option once, naming its flag and the accepted values."""
-        for name in ("model", "task", "output", "scheduler", "template", "router", "scoring"):
+        for name in ("model", "task", "output", "scheduler", "router", "scoring"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{_flag(name)}: must be a non-empty string")
         for name in ("template", "router", "scoring", "experts_structure"):
             choices = _FIELDS[name].metadata["choices"]
+            if name == "template" and self.template is None:
+                continue  # chosen from the data: chat for conversations, else alpaca
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(choices)}"
@@ -148,6 +167,8 @@ class TrainOptions:
                 f"--scheduler: unknown schedule {self.scheduler!r}; choose from "
                 f"{', '.join(_schedulers())}"
             )
+        parse_columns(self.data_columns)
+        parse_report_to(self.report_to)
         for name in ("data", "eval_data", "init_from"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise ValueError(f"{_flag(name)}: empty file name")

@@ -13,14 +13,22 @@ from transformers import set_seed
 from mola.core.checkpoint import check_adapter_files
 from mola.core.config import MolaConfig
 from mola.core.model import MolaModel, get_mola_model
-from mola.data.datasets import Example, limit_examples, load_examples, load_file, load_task
+from mola.data.datasets import Example, limit_examples, load_task
 from mola.data.mixture import is_mixture, task_test_splits
-from mola.data.prompts import DataCollator, encode_for_training
+from mola.data.prompts import (
+    DataCollator,
+    check_template_fits,
+    default_template,
+    encode_training_set,
+)
+from mola.data.sources import load_examples
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
 from mola.training.options import TrainOptions
 from mola.training.outputs import check_output, clear_previous_run, notes
+from mola.training.trackers import check_installed as check_trackers
+from mola.training.trackers import parse_report_to
 from mola.utils.distributed import check_launch, is_main_process
 from mola.utils.io import write_json, write_jsonl, write_text
 from mola.utils.tables import metrics_table
@@ -36,11 +44,16 @@ def load_train_eval(opts: TrainOptions) -> tuple[list[Example], EvalSets | None]
     own, ``--eval-limit`` items of each, for a mixture ``a+b``); a user training file without
     ``--eval-data`` is not evaluated.
     """
-    train = limit_examples(load_examples(opts.task, opts.data, "train"), opts.train_limit)
+    source = {"data_config": opts.data_config, "data_columns": opts.data_columns}
+    train = load_examples(opts.task, opts.data, "train", data_split=opts.data_split, **source)
+    train = limit_examples(train, opts.train_limit)
     evaluation: EvalSets | None = None
     if opts.eval or opts.eval_before:
         if opts.eval_data:
-            evaluation = {"": load_file(opts.eval_data)}
+            split = opts.eval_data_split or "test"
+            evaluation = {
+                "": load_examples(None, opts.eval_data, "test", data_split=split, **source)
+            }
         elif not opts.data and is_mixture(opts.task):
             evaluation = task_test_splits(opts.task)
         elif not opts.data:
@@ -64,6 +77,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     from mola.training.trainer import train  # imports the Trainer stack only when training
 
     check_launch()
+    check_trackers(parse_report_to(opts.report_to))  # a missing package fails before the work
     set_seed(opts.seed)
     main = is_main_process()
     if not main:
@@ -76,6 +90,10 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         check_adapter_files(opts.init_from)  # a damaged adapter fails before the model loads
     mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
+    if opts.template is None:  # chat for conversations, else alpaca; recorded in the run config
+        opts = dataclasses.replace(opts, template=default_template(train_examples))
+    evaluated = [e for examples in (eval_examples or {}).values() for e in examples]
+    check_template_fits(train_examples + evaluated, opts.template)
     base, tokenizer = load_base(opts.model, progress=opts.progress)
     if opts.allocation:  # a list of another length would be read as layer groups
         from mola.core.allocation_file import check_fits
@@ -124,10 +142,14 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
             f"mola: {_plural(len(train_examples), 'training example')}; experts per layer "
             f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
         )
-    rows = [
-        encode_for_training(tokenizer, e, opts.template, opts.cutoff_len, opts.train_on_inputs)
-        for e in train_examples
-    ]
+    rows = encode_training_set(
+        tokenizer,
+        train_examples,
+        opts.template,
+        opts.cutoff_len,
+        opts.train_on_inputs,
+        warn=print if main else lambda line: None,
+    )
     start = time.perf_counter()
     trained = train(model, rows, DataCollator(tokenizer.pad_token_id), opts)
     timings["train_s"] = time.perf_counter() - start

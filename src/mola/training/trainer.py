@@ -10,13 +10,13 @@ over the global batch (see :func:`mola.routing.load_balancing_loss`), and the ex
 in the same order whatever the number of processes. Under gradient accumulation the LM loss is
 normalised over the tokens of the whole step; the router losses are taken per micro-batch and
 averaged over the accumulation steps. Everything else (schedule and warmup, checkpoints, mixed
-precision, activation checkpointing, TensorBoard, DDP) is the Trainer's own.
+precision, activation checkpointing, TensorBoard/W&B/MLflow (``--report-to``), DDP) is the
+Trainer's own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import json
 import math
@@ -37,6 +37,7 @@ from mola.core.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_adapter_name, loa
 from mola.core.model import MolaModel
 from mola.routing.adaptive_l1 import AdaptiveL1
 from mola.training.options import TrainOptions
+from mola.training.trackers import RunConfigCallback, parse_report_to
 from mola.utils import distributed
 from mola.utils.io import atomic_write, write_json
 
@@ -336,7 +337,7 @@ def training_arguments(opts: TrainOptions, num_examples: int) -> TrainingArgumen
         **mixed_precision(opts, cuda),
         "dataloader_pin_memory": cuda,
         "remove_unused_columns": False,
-        "report_to": ["tensorboard"] if importlib.util.find_spec("tensorboard") else [],
+        "report_to": parse_report_to(opts.report_to),
         "disable_tqdm": not opts.progress,
         "dataloader_num_workers": 0,
     }
@@ -416,6 +417,9 @@ def train(
     trainer = MolaTrainer(
         model=model, args=args, train_dataset=EncodedDataset(rows), data_collator=collator
     )
+    if args.report_to:  # the resolved options as each tracker's run config
+        callbacks = trainer.callback_handler.callbacks
+        trainer.add_callback(RunConfigCallback(opts.to_dict(), list(args.report_to), callbacks))
     for callback in trainer.callback_handler.callbacks:  # TensorBoard: <output>/logs, not runs/
         if type(callback).__name__ == "TensorBoardCallback" and not callback.logging_dir:
             callback.logging_dir = os.path.join(opts.output, "logs")
