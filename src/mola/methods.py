@@ -93,6 +93,7 @@ METHODS: dict[str, Method] = {
                 "target_modules": ATTENTION_MLP_TARGETS,
                 "module_patterns": PLAIN_LORA_ATTENTION,
                 "aux_loss_coef": 0.01,
+                "aux_loss_reduction": "mixtral",
             },
         ),
         Method(

@@ -13,7 +13,7 @@ from mola.core.allocation import LayerSpec, allocate, check_spec
 from mola.core.patterns import PATTERN_KEYS, ModuleSpec, check_patterns, match, per_layer
 from mola.experts.base import StructureOptions
 from mola.experts.registry import STRUCTURES, check_structure
-from mola.routing import ROUTERS, build_router, router_class
+from mola.routing import REDUCTIONS, ROUTERS, build_router, router_class
 from mola.routing.scope import SCOPES
 from mola.utils.io import write_json
 
@@ -109,6 +109,13 @@ class MolaConfig:
     top_p: float = field(default=0.5, metadata={"help": "cumulative probability for 'topp'"})
     aux_loss_coef: float = field(default=0.001, metadata={"help": "load-balancing loss weight"})
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
+    aux_loss_reduction: str | None = field(
+        default=None,
+        metadata={
+            "help": "how auxiliary losses add up over modules and layers: "
+            f"{', '.join(REDUCTIONS)} (None: the router's own, its authors' choice)"
+        },
+    )
     # expert structures and per-module allocation (see mola.experts and mola.core.patterns)
     experts_structure: str = field(
         default="stacked", metadata={"help": f"expert structure: {', '.join(STRUCTURES)}"}
@@ -194,6 +201,7 @@ class MolaConfig:
         check_number("aux_loss_coef", self.aux_loss_coef, low=0.0)
         check_number("router_z_loss_coef", self.router_z_loss_coef, low=0.0)
         check_structure(self.experts_structure)
+        self._check_reduction()
         self.module_patterns = check_patterns(self.module_patterns)
         if not 0.0 <= self.a_dropout < 1.0:
             raise ValueError(f"a_dropout: must be in [0, 1), got {self.a_dropout}")
@@ -213,6 +221,24 @@ class MolaConfig:
                 f"router_scope: unknown scope {self.router_scope!r}; "
                 f"choose from {', '.join(SCOPES)}"
             )
+
+    def _check_reduction(self) -> None:
+        value = self.aux_loss_reduction
+        if value is None:
+            return
+        if value not in REDUCTIONS:
+            raise ValueError(
+                f"aux_loss_reduction: unknown {value!r}; choose from {', '.join(REDUCTIONS)}"
+            )
+        if value == "mixtral" and (self.top_k is None or router_class(self.router).dynamic):
+            raise ValueError(
+                "aux_loss_reduction: 'mixtral' counts f_i per top-k slot and needs a fixed top_k "
+                f"router (topk, switch), not {self.router!r}"
+            )
+
+    def reduction(self, router: str) -> str:
+        """How the losses of routers named ``router`` aggregate (config, else the router's)."""
+        return self.aux_loss_reduction or router_class(router).aux_loss_reduction
 
     def router_options(self, router: str | None = None) -> dict[str, Any]:
         """The settings of ``router`` (default: the configured one; its ``option_names``)."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.routing.base import Router, Routing
-from mola.routing.losses import masked_mean, share_balance_loss
+from mola.routing.losses import masked_mean
 from mola.routing.registry import register
 
 LAMBDA_EPS = 1e-2
@@ -104,6 +104,7 @@ class SparsegenRouter(Router):
     dynamic = True
     option_names = ("ldmole_hidden", "ldmole_share", "share")
     loss_names = ("aux_loss", "sparsity_loss")
+    aux_loss_reduction = "module_mean"  # loss/loss.py: stack(per-module losses).mean()
 
     def build(self, in_features: int, **kw: Any) -> None:
         hidden = int(self.options.get("ldmole_hidden", 64))
@@ -134,19 +135,20 @@ class SparsegenRouter(Router):
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("ldmole routes with gate(): lambda depends on x")
 
+    balance_normalise = True  # f_i: the share of the active (token, expert) pairs
+
+    def balance_terms(self, record: Routing) -> tuple[Tensor, Tensor]:
+        """Active pairs (``gates != 0``) and the sparsegen gates as ``P``."""
+        return record.gates, record.gates
+
     def layer_losses(
         self,
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
-        context: Mapping[str, Tensor] | None = None,
+        context: Mapping[str, Any] | None = None,
         global_batch: bool = False,
     ) -> dict[str, Tensor]:
-        gates = [r.gates for r in records]
-        out = {
-            "aux_loss": share_balance_loss(
-                gates, gates, attention_mask, normalise=True, global_batch=global_batch
-            )
-        }
+        out = {"aux_loss": self.balance_loss(records, attention_mask, global_batch)}
         k = self.top_k
         if k is not None and k < self.num_experts:
             terms = [F.relu(sparsity_bound(r.logits, k) - r.extras["lambda"]) for r in records]
@@ -154,5 +156,5 @@ class SparsegenRouter(Router):
                 torch.cat(terms), attention_mask, len(records), global_batch
             )
         else:
-            out["sparsity_loss"] = gates[0].new_zeros(())
+            out["sparsity_loss"] = records[0].gates.new_zeros(())
         return out

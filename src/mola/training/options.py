@@ -22,7 +22,7 @@ from mola.data.prompts import TEMPLATES
 from mola.experts import STRUCTURES
 from mola.methods import METHODS
 from mola.models.hub import DEFAULT_MODEL
-from mola.routing import ROUTERS
+from mola.routing import REDUCTIONS, ROUTERS
 from mola.routing.scope import SCOPES
 
 
@@ -58,6 +58,11 @@ class TrainOptions:
     target_modules: str = _opt(",".join(LLAMA_TARGETS), "comma-separated module names")
     aux_loss_coef: float = _opt(0.001, "load-balancing loss weight")
     router_z_loss_coef: float = _opt(0.0, "router z-loss weight")
+    aux_loss_reduction: str | None = _opt(
+        None,
+        "how router losses add up over modules/layers (default: the router's authors' way)",
+        choices=tuple(REDUCTIONS),
+    )
     # expert structures, per-module allocation, pre-trained experts
     experts_structure: str = _opt("stacked", "expert structure", choices=tuple(STRUCTURES))
     module_patterns: str | None = _opt(
@@ -132,6 +137,11 @@ class TrainOptions:
                 raise ValueError(
                     f"{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(choices)}"
                 )
+        if self.aux_loss_reduction is not None and self.aux_loss_reduction not in REDUCTIONS:
+            raise ValueError(
+                f"--aux-loss-reduction: {self.aux_loss_reduction!r} is not one of "
+                f"{', '.join(REDUCTIONS)}"
+            )
         if self.data is None and self.task not in TASKS:
             raise ValueError(f"--task: unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.scheduler not in _schedulers():
@@ -209,6 +219,7 @@ class TrainOptions:
             top_p=self.top_p,
             aux_loss_coef=self.aux_loss_coef,
             router_z_loss_coef=self.router_z_loss_coef,
+            aux_loss_reduction=self.aux_loss_reduction,
             experts_structure=self.experts_structure,
             module_patterns=parse_patterns(self.module_patterns),
             a_dropout=self.a_dropout,
