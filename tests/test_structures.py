@@ -77,6 +77,7 @@ def test_flylora_trains_only_b_and_saves_its_frozen_a(tmp_path):
     model.train()
     ids = torch.randint(0, 97, (4, 9))
     model(input_ids=ids, labels=ids).loss.backward()  # the balancing bias moves in training
+    model(input_ids=ids, labels=ids)  # (each forward's step is added before the next forward)
     layer = next(layer for _, layer in model.mola_layers())
     assert layer.experts.lora_balance_bias.abs().sum() > 0
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from mola import __version__
 from mola.core.allocation import LayerSpec, allocate, check_spec
@@ -76,7 +76,7 @@ def check_top_k(
     else:
         return
     for e, k in pairs:
-        if k > e:
+        if k > e and e > 1:  # one expert is a plain LoRA: no router, top_k unused
             raise ValueError(
                 f"{names[1]}: {k} is more than the {e} experts of a layer ({names[0]} {experts}); "
                 f"lower {names[1]} or raise {names[0]}"
@@ -106,7 +106,10 @@ class MolaConfig:
         default=2, metadata={"help": "experts used per token (layer spec); cap for 'topp'"}
     )
     router: str = field(default="topk", metadata={"help": f"one of {', '.join(ROUTERS)}"})
-    top_p: float = field(default=0.5, metadata={"help": "cumulative probability for 'topp'"})
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "cumulative probability (topp, dynmole); None: the router's (0.5, 0.75)"},
+    )
     aux_loss_coef: float = field(default=0.001, metadata={"help": "load-balancing loss weight"})
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
     aux_loss_reduction: str | None = field(
@@ -149,7 +152,13 @@ class MolaConfig:
     sparsity_loss_coef: float = field(
         default=0.0, metadata={"help": "ldmole: weight of the analytical sparsity loss"}
     )
-    ldmole_hidden: int = field(default=64, metadata={"help": "ldmole: width of the lambda MLP"})
+    ldmole_hidden: int | None = field(
+        default=None,
+        metadata={
+            "help": "ldmole: width of the lambda MLP (None: the authors' by model size, "
+            "128 below 1.5B parameters, 256 below 6B, else 512)"
+        },
+    )
     ldmole_share: bool = field(
         default=True, metadata={"help": "ldmole: one lambda MLP shared by all modules"}
     )
@@ -159,12 +168,14 @@ class MolaConfig:
     entropy_index: float = field(default=1.1, metadata={"help": "dynmole: Tsallis index q"})
     entropy_eps: float = field(default=1e-5, metadata={"help": "dynmole: entropy epsilon"})
     entropy_loss_coef: float = field(
-        default=0.0, metadata={"help": "dynmole: weight of the Tsallis entropy loss"}
+        default=0.01, metadata={"help": "dynmole: weight of the Tsallis entropy loss (authors')"}
     )
     max_threshold: float | None = field(
         default=None, metadata={"help": "adamole: threshold cap (default 1 / num_experts)"}
     )
-    l1_loss_coef: float = field(default=0.0, metadata={"help": "relu: weight of the L1 loss"})
+    l1_loss_coef: float = field(
+        default=1e-8, metadata={"help": "relu: start weight of the L1 loss (ReMoE's 1e-8)"}
+    )
     l1_loss_alpha: float = field(
         default=1.2, metadata={"help": "relu: ReMoE's per-step factor on l1_loss_coef (1: fixed)"}
     )
@@ -173,6 +184,8 @@ class MolaConfig:
     lbc_loss_coef: float = field(
         default=0.0, metadata={"help": "loramoe: weight of the localized balancing loss"}
     )
+
+    _loading: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -197,7 +210,8 @@ class MolaConfig:
             check_top_k(experts, check_spec(self.top_k, "top_k"), self.router)
         check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
         check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
-        check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        if self.top_p is not None:
+            check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         check_number("aux_loss_coef", self.aux_loss_coef, low=0.0)
         check_number("router_z_loss_coef", self.router_z_loss_coef, low=0.0)
         check_structure(self.experts_structure)
@@ -214,12 +228,33 @@ class MolaConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.l1_loss_alpha >= 1.0:
             raise ValueError(f"l1_loss_alpha: must be >= 1 (1: fixed), got {self.l1_loss_alpha}")
+        self._check_adaptive_l1()
         if self.lbc_groups < 1 or not 0.0 <= self.lbc_delta < 1.0:
             raise ValueError("lbc_groups / lbc_delta: need lbc_groups >= 1 and 0 <= lbc_delta < 1")
         if self.router_scope not in SCOPES:
             raise ValueError(
                 f"router_scope: unknown scope {self.router_scope!r}; "
                 f"choose from {', '.join(SCOPES)}"
+            )
+
+    def _check_adaptive_l1(self) -> None:
+        """ReMoE's adaptive L1 must be able to act: a nonzero start and a target ``k``."""
+        routers = {self.router} | {
+            str(v.get("router")) for v in self.module_patterns.values() if v.get("router")
+        }
+        if "relu" not in routers or self.l1_loss_alpha == 1.0 or MolaConfig._loading:
+            return
+        if self.l1_loss_coef == 0:
+            raise ValueError(
+                f"l1_loss_coef: 0 never changes under ReMoE's adaptive update (0 x "
+                f"{self.l1_loss_alpha:g} = 0), so the L1 loss would never act; start at ReMoE's "
+                "1e-8, or set l1_loss_alpha: 1 to keep a fixed weight"
+            )
+        if self.top_k is None:
+            raise ValueError(
+                "top_k: ReMoE's adaptive L1 steers the sparsity towards 1 - top_k / num_experts "
+                "and has no target without top_k; give top_k (e.g. 1), or set l1_loss_alpha: 1 "
+                "to keep a fixed weight"
             )
 
     def _check_reduction(self) -> None:
@@ -269,6 +304,9 @@ class MolaConfig:
         else:
             top_k = list(allocate(self.top_k, num_layers, field="top_k"))
         for layer, (e, k) in enumerate(zip(experts, top_k, strict=True)):
+            if e == 1:  # a plain LoRA: no router to check
+                top_k[layer] = k and 1
+                continue
             try:
                 build_router(self.router, e, k, self.top_p, **self.router_options())
             except ValueError as err:
@@ -322,7 +360,11 @@ class MolaConfig:
         unknown = sorted(set(data) - known - META_KEYS)
         if unknown:
             raise ValueError(f"MolaConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        cls._loading = True  # a saved adapter: training-only settings are not checked again
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        finally:
+            cls._loading = False
 
     def save(self, path: str | os.PathLike[str]) -> None:
         write_json(path, self.to_dict())

@@ -30,6 +30,7 @@ from mola.core.injection import find_decoder_layers, inject
 from mola.core.layer import MolaLinear
 from mola.routing import Router
 from mola.routing.adaptive_l1 import AdaptiveL1
+from mola.routing.sparsegen import authors_hidden
 from mola.utils.distributed import is_distributed
 
 
@@ -48,6 +49,7 @@ class MolaModel(nn.Module):
     def __init__(self, model: nn.Module, config: MolaConfig) -> None:
         super().__init__()
         self.base_model = model
+        config = _resolve_defaults(model, config)
         self.mola_config = config
         self.router_store = RouterLogitsStore()
         model.requires_grad_(False)
@@ -348,6 +350,16 @@ class MolaModel(nn.Module):
             for name, param in model.named_parameters():
                 param.requires_grad_(is_adapter_name(name))
         return model
+
+
+def _resolve_defaults(model: nn.Module, config: MolaConfig) -> MolaConfig:
+    """``config`` with the settings that depend on the base model filled in: LD-MoLE's lambda
+    MLP width (``ldmole_hidden``) as the authors' configs set it for a model of this size."""
+    routers = {config.router} | {str(v.get("router")) for v in config.module_patterns.values()}
+    if config.ldmole_hidden is None and "ldmole" in routers:
+        size = sum(p.numel() for p in model.parameters())
+        config = dataclasses.replace(config, ldmole_hidden=authors_hidden(size))
+    return config
 
 
 def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:

@@ -27,8 +27,50 @@ from mola.experts.base import Experts, kaiming_
 def update_balance_bias(bias: Tensor, mask: Tensor, rate: float) -> None:
     """Loss-free balancing: ``bias += rate * sign(mean load - load)`` (no host sync)."""
     with torch.no_grad():
-        counts = mask.reshape(-1, mask.shape[-1]).sum(dim=0, dtype=torch.float32)
-        bias.add_(rate * torch.sign(counts.mean() - counts).to(bias.dtype))
+        bias.add_(balance_step(mask, rate).to(bias.dtype))
+
+
+def balance_step(mask: Tensor, rate: float) -> Tensor:
+    """``rate * sign(mean load - load)`` ``(R,)`` for the selection ``mask (N, R)``."""
+    counts = mask.reshape(-1, mask.shape[-1]).sum(dim=0, dtype=torch.float32)
+    return rate * torch.sign(counts.mean() - counts)
+
+
+def in_backward() -> bool:
+    """Whether this code runs inside the autograd engine: the forward recomputed by activation
+    checkpointing during the backward pass."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class BalanceBias:
+    """The loss-free balancing bias' update, once per training forward, also under activation
+    checkpointing.
+
+    A forward records its step in ``lora_balance_pending`` and the next forward (training or
+    not) adds it to the bias before it selects. The forward recomputed in the backward pass
+    (non-reentrant checkpointing) neither adds nor records, so it selects with the same bias as
+    the original forward (the same experts, as checkpointing requires) and the bias moves once
+    per forward, as without checkpointing. The last forward's step stays pending until the next
+    forward (it is applied before any later use of the bias).
+    """
+
+    lora_balance_bias: Tensor
+    lora_balance_pending: Tensor
+    training: bool
+
+    def balance_bias(self) -> Tensor:
+        """The bias to select with now (pending steps applied first)."""
+        if not in_backward():
+            with torch.no_grad():
+                self.lora_balance_bias.add_(self.lora_balance_pending)
+                self.lora_balance_pending.zero_()
+        return self.lora_balance_bias
+
+    def record_balance(self, mask: Tensor, rate: float) -> None:
+        """After a training forward's selection: its step becomes pending."""
+        if self.training and rate > 0 and not in_backward():
+            with torch.no_grad():
+                self.lora_balance_pending.copy_(balance_step(mask, rate))
 
 
 def top_mask(scores: Tensor, k: int) -> Tensor:
@@ -37,7 +79,7 @@ def top_mask(scores: Tensor, k: int) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 
-class RankWiseExperts(Experts):
+class RankWiseExperts(BalanceBias, Experts):
     """SMoRA: every rank of one rank-``R`` LoRA is an expert."""
 
     structure = "rankwise"
@@ -59,6 +101,11 @@ class RankWiseExperts(Experts):
         self.register_buffer(
             "lora_balance_bias", torch.zeros(r, dtype=torch.float32, device=self.factory["device"])
         )
+        self.register_buffer(
+            "lora_balance_pending",
+            torch.zeros(r, dtype=torch.float32, device=self.factory["device"]),
+            persistent=False,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -66,6 +113,8 @@ class RankWiseExperts(Experts):
             kaiming_(self.lora_A)
             self.lora_B.zero_()
             self.lora_balance_bias.zero_()
+            if hasattr(self, "lora_balance_pending"):
+                self.lora_balance_pending.zero_()
 
     def down_weight(self) -> Tensor:
         return self.lora_A
@@ -84,9 +133,8 @@ class RankWiseExperts(Experts):
     def route_biased(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Gates and mask: ``top_k(p + b)`` selects, the selected ``p`` renormalised weigh."""
         probs = torch.softmax(logits.float(), dim=-1)
-        mask = top_mask(probs + self.lora_balance_bias, self.top_k)
+        mask = top_mask(probs + self.balance_bias(), self.top_k)
         gates = probs * mask
         gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-        if self.training:
-            update_balance_bias(self.lora_balance_bias, mask, self.bias_rate)
+        self.record_balance(mask, self.bias_rate)
         return gates, mask

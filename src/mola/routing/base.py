@@ -156,6 +156,7 @@ class Router(nn.Module):
     loss_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
     dynamic: ClassVar[bool] = False  # a per-token number of experts
     aux_loss_reduction: ClassVar[str] = "layer"  # the default of its authors (REDUCTIONS)
+    default_top_p: ClassVar[float | None] = None  # top_p when none is given
     bias = None  # like nn.Linear(d_in, E, bias=False)
 
     def __init__(
@@ -172,7 +173,7 @@ class Router(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.top_p = top_p
+        self.top_p = self.default_top_p if top_p is None else top_p
         self.in_features = in_features
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:

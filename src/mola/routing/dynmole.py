@@ -55,6 +55,7 @@ class DynMoLERouter(Router):
     dynamic = True
     option_names = ("entropy_threshold", "entropy_index", "entropy_eps")
     loss_names = ("aux_loss", "entropy_loss")
+    default_top_p = 0.75  # DynMoleConfig: config.get("top_p", 0.75)
     aux_loss_reduction = "global"  # one loss over every layer's router logits concatenated
 
     def _settings(self) -> tuple[float, float, float]:

@@ -25,9 +25,11 @@ Losses (per decoder layer, summed over layers):
   (zero when ``E <= k``). Weighted by ``sparsity_loss_coef``.
 
 Open choices, as the authors' code does: init kaiming-uniform for the MLP weights and a bias of
--2.5 (``sparsegen_init: kaiming``), ``eps = 0.01``, hidden width 64 (``UniversalMLP`` default;
-their scripts use 256/512: ``ldmole_hidden``). Unlike the authors' code the router reads ``x``
-without dropout, like every mola router.
+-2.5 (``sparsegen_init: kaiming``), ``eps = 0.01``, and the hidden width of their
+``conf/model/*.yaml`` (``hidden_sizes``: 128 for Qwen3-0.6B and Llama-3.2-1B, 256 for Qwen3-1.7B
+and Llama-3.2-3B, 512 for Llama-3.1-8B): ``ldmole_hidden``, by default chosen from the base
+model's parameter count (:func:`authors_hidden`; 128 for a router built alone). Unlike the
+authors' code the router reads ``x`` without dropout, like every mola router.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ from mola.routing.losses import masked_mean
 from mola.routing.registry import register
 
 LAMBDA_EPS = 1e-2
+DEFAULT_HIDDEN = 128  # the authors' conf/model/qwen3_0.6b.yaml and llama3.2_1b.yaml
+
+
+def authors_hidden(num_parameters: int) -> int:
+    """The lambda MLP width of the authors' configs for a base model of this size: 128 for
+    Qwen3-0.6B and Llama-3.2-1B, 256 for Qwen3-1.7B and Llama-3.2-3B, 512 for Llama-3.1-8B."""
+    if num_parameters < 1.5e9:
+        return 128
+    return 256 if num_parameters < 6e9 else 512
+
+
 BIAS_INIT = -2.5
 
 
@@ -107,7 +120,8 @@ class SparsegenRouter(Router):
     aux_loss_reduction = "module_mean"  # loss/loss.py: stack(per-module losses).mean()
 
     def build(self, in_features: int, **kw: Any) -> None:
-        hidden = int(self.options.get("ldmole_hidden", 64))
+        hidden = self.options.get("ldmole_hidden")
+        hidden = DEFAULT_HIDDEN if hidden is None else int(hidden)
         if hidden < 1:
             raise ValueError(f"ldmole_hidden: must be >= 1, got {hidden}")
         share = self.options.get("share")

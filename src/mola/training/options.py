@@ -54,7 +54,9 @@ class TrainOptions:
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / r")
     dropout: float = _opt(0.05, "LoRA dropout")
     router: str = _opt("topk", "router", choices=tuple(ROUTERS))
-    top_p: float = _opt(0.5, "cumulative probability of the 'topp' router")
+    top_p: float | None = _opt(
+        None, "cumulative probability (topp: default 0.5; dynmole: 0.75, the authors')"
+    )
     target_modules: str = _opt(",".join(LLAMA_TARGETS), "comma-separated module names")
     aux_loss_coef: float = _opt(0.001, "load-balancing loss weight")
     router_z_loss_coef: float = _opt(0.0, "router z-loss weight")
@@ -84,12 +86,14 @@ class TrainOptions:
         "module", "module: a router per module; block: one per sub-block", choices=SCOPES
     )
     sparsity_loss_coef: float = _opt(0.0, "ldmole: weight of the analytical sparsity loss")
-    ldmole_hidden: int = _opt(64, "ldmole: width of the shared lambda MLP")
+    ldmole_hidden: int | None = _opt(
+        None, "ldmole: width of the shared lambda MLP (default: the authors' by model size)"
+    )
     entropy_threshold: float = _opt(0.9, "dynmole: normalised Tsallis entropy for all experts")
     entropy_index: float = _opt(1.1, "dynmole: Tsallis entropy index q")
-    entropy_loss_coef: float = _opt(0.0, "dynmole: weight of the Tsallis entropy loss")
+    entropy_loss_coef: float = _opt(0.01, "dynmole: weight of the Tsallis entropy loss")
     max_threshold: float | None = _opt(None, "adamole: threshold cap (default 1 / experts)")
-    l1_loss_coef: float = _opt(0.0, "relu: weight of the (load-balanced) L1 loss")
+    l1_loss_coef: float = _opt(1e-8, "relu: start weight of the (load-balanced) L1 loss")
     l1_loss_alpha: float = _opt(1.2, "relu: ReMoE's per-step multiplier of the L1 weight; 1: fixed")
     lbc_groups: int = _opt(2, "loramoe: expert groups, one per data 'group' value")
     lbc_delta: float = _opt(0.1, "loramoe: localized balancing delta")
@@ -170,7 +174,8 @@ class TrainOptions:
         check_number("--weight-decay", self.weight_decay, low=0.0)
         check_number("--alpha", self.alpha, low=0.0, low_open=True)
         check_number("--dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        check_number("--top-p", self.top_p, low=0.0, high=1.0, low_open=True)
+        if self.top_p is not None:
+            check_number("--top-p", self.top_p, low=0.0, high=1.0, low_open=True)
         check_number("--l1-loss-alpha", self.l1_loss_alpha, low=1.0)
         check_number("--aux-loss-coef", self.aux_loss_coef, low=0.0)
         check_number("--router-z-loss-coef", self.router_z_loss_coef, low=0.0)
