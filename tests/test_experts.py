@@ -153,7 +153,7 @@ def test_balance_bias_moves_toward_the_mean_load():
 
 
 def test_smora_biased_selection_keeps_unbiased_gates():
-    experts = make("rankwise", r=4, k=2, balance_bias_rate=0.1)
+    experts = make("rankwise", r=4, k=2, balance_bias_rate=0.1, smora_gating="softmax")
     with torch.no_grad():
         experts.lora_balance_bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
     experts.eval()

@@ -53,11 +53,17 @@ open choices):
   ``fine-tuning.sh`` (Clin0212/HydraLoRA).
 * ``mosld``: MoSLD: shared ``A`` with dropout 0.1 on its entries (the paper's rate was not
   recovered here), 8 heads, top-2, on ``q_proj``/``v_proj`` as the paper applies it.
-* ``smora``: SMoRA: rank 64, 8 active ranks per token, alpha 128 (2r, mola's choice), the
-  loss-free balancing bias instead of the balance loss.
+* ``smora``: SMoRA: rank 64, 8 active ranks per token, alpha 16, dropout 0, on every linear
+  projection (``lora_target: all``), as the authors' ``llama2_7b_lora_srmole.yaml``; sigmoid
+  scores, gates ``k`` times the normalised biased scores, scale ``alpha / k`` and the
+  loss-free balancing bias with step 1e-5 (their ``srmole/layer.py``), no balance loss.
 * ``flylora``: FlyLoRA: rank 32, top-8, alpha 64, no dropout, bias rate 0.001 (the authors'
   ``run_mmlu.sh``); ``A`` frozen with ``top_k / r`` nonzeros per row.
-* ``comol``: CoMoL: 8 core experts of 8 x 8, top-2 (the expert count and k are mola's choice).
+* ``comol``: CoMoL: 8 core experts of 16 x 16 between one shared A and B (r 16, alpha = r,
+  dropout 0.1), all merged by a dense softmax of the router on ``A x``, on q/k/v/o/down, as the
+  authors' ``configs/codealpaca20k/llama-3-1-8b-instruct_mocorelora-corerouter_train.config``
+  and ``train.py`` (``lora_alpha = lora_rank``, ``lora_dropout = 0.1``); no balance loss (they
+  have none).
 * ``hilo``: HILO: 2-4-6-8 experts and ranks 2-4-6-8 over four layer groups (the rank setting the
   paper reports best), top-2.
 """
@@ -230,9 +236,11 @@ METHODS: dict[str, Method] = {
                 "experts_structure": "rankwise",
                 "r": "64",
                 "top_k": "8",
-                "alpha": 128.0,
+                "alpha": 16.0,
+                "dropout": 0.0,
                 "aux_loss_coef": 0.0,
-                "balance_bias_rate": 0.001,
+                "balance_bias_rate": 1e-5,
+                "smora_gating": "sigmoid",
             },
         ),
         Method(
@@ -251,9 +259,19 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "comol",
-            "8 r x r core experts between one shared A and B, routed on A x, soft-merged",
+            "8 r x r core experts between one shared A and B, all merged by softmax on A x",
             "Cao et al. 2026, CoMoL, arXiv 2603.00573",
-            {"experts_structure": "core", "experts": "8", "top_k": "2", "r": "8"},
+            {
+                "experts_structure": "core",
+                "experts": "8",
+                "top_k": "none",
+                "router": "soft",
+                "r": "16",
+                "alpha": 16.0,
+                "dropout": 0.1,
+                "aux_loss_coef": 0.0,
+                "target_modules": "q_proj,k_proj,v_proj,o_proj,down_proj",
+            },
         ),
         Method(
             "hilo",

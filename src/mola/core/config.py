@@ -140,9 +140,19 @@ class MolaConfig:
             "(None: top_k / r, as the authors' code)"
         },
     )
-    balance_bias_rate: float = field(
-        default=0.001,
-        metadata={"help": "FlyLoRA/SMoRA: step of the loss-free balancing bias (0: off)"},
+    balance_bias_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "FlyLoRA/SMoRA: step of the loss-free balancing bias (0: off; None: the "
+            "authors', 1e-3 FlyLoRA, 1e-5 SMoRA)"
+        },
+    )
+    smora_gating: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "SMoRA: sigmoid (the authors' biased scores x k, alpha / k) or softmax "
+            "(loss-free balancing gates, alpha / r)"
+        },
     )
     # routers (issue 9): scope and the routers' own settings; each loss weight is <loss>_coef
     router_scope: str = field(
@@ -221,7 +231,9 @@ class MolaConfig:
             raise ValueError(f"a_dropout: must be in [0, 1), got {self.a_dropout}")
         if self.fly_sparsity is not None and not 0.0 < self.fly_sparsity <= 1.0:
             raise ValueError(f"fly_sparsity: must be in (0, 1], got {self.fly_sparsity}")
-        if self.balance_bias_rate < 0:
+        if self.smora_gating not in ("sigmoid", "softmax"):
+            raise ValueError(f"smora_gating: 'sigmoid' or 'softmax', got {self.smora_gating!r}")
+        if self.balance_bias_rate is not None and self.balance_bias_rate < 0:
             raise ValueError(f"balance_bias_rate: must be >= 0, got {self.balance_bias_rate}")
         for name in ("sparsity_loss_coef", "entropy_loss_coef", "l1_loss_coef", "lbc_loss_coef"):
             if getattr(self, name) < 0:
@@ -282,7 +294,9 @@ class MolaConfig:
 
     def structure_options(self, top_k: int | None) -> StructureOptions:
         """The expert structure's own settings for a module with this ``top_k``."""
-        return StructureOptions(top_k, self.a_dropout, self.fly_sparsity, self.balance_bias_rate)
+        return StructureOptions(
+            top_k, self.a_dropout, self.fly_sparsity, self.balance_bias_rate, self.smora_gating
+        )
 
     def loss_coef(self, loss: str) -> float:
         """The weight of auxiliary loss ``loss`` (the field ``<loss>_coef``; 0 if none)."""

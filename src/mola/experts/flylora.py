@@ -35,6 +35,8 @@ class FlyLoRAExperts(RankWiseExperts):
 
     structure = "flylora"
     learned_router = False
+    rank_experts_gated = False
+    default_bias_rate = 1e-3  # the authors' run_mmlu.sh
 
     def __init__(self, d_in: int, d_out: int, num_experts: int, r: int, lora_alpha: float,
                  options=None, **factory) -> None:  # fmt: skip

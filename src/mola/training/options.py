@@ -72,7 +72,12 @@ class TrainOptions:
     )
     a_dropout: float = _opt(0.0, "MoSLD: dropout on the entries of the shared A")
     fly_sparsity: float | None = _opt(None, "FlyLoRA: nonzero share per row of A (top_k / r)")
-    balance_bias_rate: float = _opt(0.001, "FlyLoRA/SMoRA: loss-free balancing bias step")
+    balance_bias_rate: float | None = _opt(
+        None, "FlyLoRA/SMoRA: loss-free balancing bias step (default: the authors')"
+    )
+    smora_gating: str = _opt(
+        "sigmoid", "SMoRA gates: sigmoid (the authors') or softmax", choices=("sigmoid", "softmax")
+    )
     init_from: str | None = _opt(None, "start from this adapter (e.g. mola compose's output)")
     train_experts: bool = _opt(False, "with --init-from: train the experts too, not only routers")
     allocation: str | None = _opt(
@@ -188,7 +193,12 @@ class TrainOptions:
         check_number("--a-dropout", self.a_dropout, low=0.0, high=1.0, high_open=True)
         if self.fly_sparsity is not None:
             check_number("--fly-sparsity", self.fly_sparsity, low=0.0, high=1.0, low_open=True)
-        check_number("--balance-bias-rate", self.balance_bias_rate, low=0.0)
+        if self.balance_bias_rate is not None:
+            check_number("--balance-bias-rate", self.balance_bias_rate, low=0.0)
+        if self.smora_gating not in ("sigmoid", "softmax"):
+            raise ValueError(
+                f"--smora-gating: {self.smora_gating!r} is not one of sigmoid, softmax"
+            )
         parse_patterns(self.module_patterns)
         experts = check_spec(self.experts, "--experts")
         ranks = check_spec(self.r, "--r")
@@ -230,6 +240,7 @@ class TrainOptions:
             a_dropout=self.a_dropout,
             fly_sparsity=self.fly_sparsity,
             balance_bias_rate=self.balance_bias_rate,
+            smora_gating=self.smora_gating,
             router_scope=self.router_scope,
             sparsity_loss_coef=self.sparsity_loss_coef,
             ldmole_hidden=self.ldmole_hidden,
