@@ -61,6 +61,10 @@ class AllocateOptions(TrainOptions):
         super().__post_init__()
         if self.budget is None:
             raise ValueError("--budget: required (total experts, or trainable params with --by)")
+        if self.budget < 1:
+            raise ValueError(f"--budget: must be a positive count, got {self.budget}")
+        if self.probe_steps < 1:
+            raise ValueError(f"--probe-steps: must be >= 1, got {self.probe_steps}")
         if not 0.0 < self.heldout < 1.0:
             raise ValueError("--heldout: must be in (0, 1)")
         if self.probe_examples < 2:
