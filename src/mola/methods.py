@@ -3,7 +3,8 @@
 A preset is a set of training options (:class:`~mola.training.options.TrainOptions` fields)
 that reproduces a paper's configuration inside mola. It sits between the defaults and
 everything the user gives: defaults < preset < YAML file < flags, so any key can be overridden.
-``mola methods`` lists them. What each sets, and where the paper leaves a choice open:
+``mola methods`` lists them. docs/methods.md gives each method's formula, the authors' code it
+follows, its defaults and every deliberate difference; in short:
 
 * ``mola``: MoLA (Gao et al. 2024, arXiv 2402.08562), mola's defaults: inverted-triangle experts
   2-4-6-8, top-2 of ``softmax(Rx)`` per adapted module, load-balancing loss weight 0.001.

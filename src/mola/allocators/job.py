@@ -59,7 +59,7 @@ class AllocateOptions(TrainOptions):
         choices=("authors", "gumbel"),
     )
     probe_examples: int = _opt(320, "training examples the probe uses")
-    heldout: float = _opt(0.25, "share of the probe examples held out for the GSV steps")
+    heldout: float = _opt(0.25, "redundancy: share of the probe examples held out to measure")
     gsv_lr: float = _opt(3e-3, "learning rate of the GuidedSelection Vectors (the authors')")
     output: str = _opt("alloc.yaml", "allocation YAML to write (a PNG is written beside it)")
     lr: float = _opt(2e-3, "learning rate of the probe's experts and routers")
