@@ -114,3 +114,39 @@ def test_smora_softmax_variant_is_an_option():
     model = get_mola_model(base, config)
     layer = next(layer for _, layer in model.mola_layers())
     assert layer.experts.gating == "softmax" and layer.experts.scaling == 16.0 / 8
+
+
+def test_experts_of_different_ranks_in_one_module_equal_a_loop_over_experts():
+    """GuiLoMo's granularity: expert e uses its first r_e rank components, scale alpha / r."""
+    torch.manual_seed(0)
+    ranks = (1, 3, 2, 3)
+    layer = MolaLinear(
+        nn.Linear(12, 10), 4, 3, 6.0, 0.0, 2,
+        structure_options=StructureOptions(top_k=2, expert_ranks=ranks),
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.router.weight.mul_(3.0)
+    assert layer.lora_A[0, 1:].abs().sum() == 0  # beyond expert 0's rank: zero from the start
+    x = torch.randn(6, 12)
+    fast = layer.train()(x)
+    probs = torch.softmax(x @ layer.router.weight.t(), -1)
+    rows = []
+    for t in range(6):
+        top = probs[t].topk(2)
+        out = layer.base_layer(x[t])
+        for w, e in zip(top.values / top.values.sum(), top.indices.tolist(), strict=True):
+            a, b = layer.lora_A[e, : ranks[e]], layer.lora_B[e, :, : ranks[e]]
+            out = out + w * (6.0 / 3) * (b @ (a @ x[t]))
+        rows.append(out)
+    ref = torch.stack(rows)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    params = [layer.router.weight, layer.lora_A, layer.lora_B]
+    up = torch.randn_like(fast)
+    g_fast = torch.autograd.grad(fast, params, up)
+    g_ref = torch.autograd.grad(ref, params, up)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert g_fast[1][0, 1:].abs().sum() == 0 and g_fast[2][0, :, 1:].abs().sum() == 0
+    with torch.no_grad():  # the inference fast path agrees
+        torch.testing.assert_close(layer.eval()(x), ref, rtol=1e-5, atol=1e-6)

@@ -37,6 +37,7 @@ class StructureOptions:
     balance_bias_rate: float | None = None  # None: the structure's authors' step
     smora_gating: str = "sigmoid"
     dropout: float = 0.0  # the layer's LoRA dropout (CoMoL also drops its merged core)
+    expert_ranks: tuple[int, ...] | None = None  # stacked: each expert's own rank (<= r)
 
 
 class Experts(nn.Module):
