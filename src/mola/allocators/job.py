@@ -188,11 +188,11 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
         "model": opts.model,
         "data": opts.data or opts.task,
         "probe": {
-            "steps": len(history),
+            "steps": len(history) // (opts.seeds if opts.strategy == "guilomo" else 1),
             "epochs": opts.probe_epochs if opts.strategy == "guilomo" else None,
             "seeds": opts.seeds if opts.strategy == "guilomo" else 1,
             "examples": len(examples),
-            "heldout": held,
+            "heldout": held if opts.strategy == "redundancy" else None,
             "max_experts": opts.max_experts,
             "max_rank": r_max,
             "lr": opts.lr,
