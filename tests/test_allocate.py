@@ -27,6 +27,7 @@ from mola.core.allocation_file import check_fits, read_allocation, write_allocat
 from mola.core.checkpoint import is_adapter_name
 from mola.core.config import MolaConfig
 from mola.core.layer import MolaLinear
+from mola.core.model import MolaModel
 from mola.training.options import TrainOptions
 
 # ----------------------------------------------------------------------------- budget arithmetic
@@ -465,3 +466,56 @@ def test_cli_allocate_reports_seed_agreement(tiny_llama_dir, mc_file, tmp_path, 
     modules = alloc["scores"]["gsv_modules"]
     assert len(modules) == 2 * 3 and all(len(m["ranks"]) == m["experts"] for m in modules.values())
     assert alloc["probe"]["epochs"] == 1.0 and alloc["probe"]["seeds"] == 2
+
+
+def test_module_allocation_builds_each_modules_own_shape(tmp_path):
+    name = "model.layers.3.self_attn.q_proj"  # a live layer (0-1 see zeros)
+    shape = {name: {"num_experts": 3, "expert_ranks": [1, 4, 2]}}
+    config = MolaConfig(num_experts=2, r=2, module_allocation=shape)
+    base = _two_group_model()
+    model = MolaModel(base, config)
+    layers = dict(model.mola_layers())
+    q = layers[name]
+    assert (q.num_experts, q.r) == (3, 4)
+    assert q.experts.lora_rank_mask.sum(dim=1).tolist() == [1.0, 4.0, 2.0]
+    other = layers["model.layers.3.self_attn.v_proj"]
+    assert (other.num_experts, other.r) == (2, 2) and other.experts.lora_rank_mask is None
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.eval().save_pretrained(tmp_path)
+    again = MolaModel.from_pretrained(_two_group_model(), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, again(input_ids=ids).logits)
+        with model.disable_adapter():
+            assert not torch.allclose(got, model(input_ids=ids).logits)  # the adapter acts
+    with pytest.raises(ValueError, match="module_allocation"):
+        MolaConfig(module_allocation={name: {"num_experts": 2, "expert_ranks": [1]}})
+
+
+def test_cli_allocate_by_module_then_train(tiny_llama_dir, mc_file, tmp_path, capsys):
+    out = tmp_path / "m.yaml"
+    args = ["allocate", "--model", str(tiny_llama_dir), "--data", str(mc_file), *FAST]
+    assert main([*args, "--budget", "5", "--granularity", "module", "--output", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--granularity module" in line and "6 modules as read off" in line
+    alloc = read_allocation(out)
+    assert len(alloc["modules"]) == 6
+    run = tmp_path / "run"
+    code = main(
+        ["train", "--model", str(tiny_llama_dir), "--data", str(mc_file), "--allocation", str(out),
+         "--target-modules", "q_proj,v_proj,down_proj", "--max-steps", "1", "--batch-size", "4",
+         "--no-progress", "--no-eval", "--output", str(run), "--save-steps", "0"]
+    )  # fmt: skip
+    assert code == 0
+    saved = json.loads((run / "adapter_config.json").read_text())
+    assert saved["module_allocation"] == alloc["modules"]
+    base = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    loaded = MolaModel.from_pretrained(base, run)
+    for name, shape in alloc["modules"].items():
+        layer = dict(loaded.mola_layers())[name]
+        assert layer.num_experts == shape["num_experts"]
+        assert layer.r == max(shape["expert_ranks"])

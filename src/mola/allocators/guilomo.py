@@ -65,6 +65,7 @@ class GSVReadout:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     modules: dict[str, dict[str, object]] = field(default_factory=dict)
+    all_ranks: dict[str, list[int]] = field(default_factory=dict)  # every expert's, per module
 
 
 def read_gsvs(layers: list[GSVLinear]) -> GSVReadout:
@@ -74,10 +75,12 @@ def read_gsvs(layers: list[GSVLinear]) -> GSVReadout:
         per_layer.setdefault(-1 if layer.layer_idx is None else layer.layer_idx, []).append(layer)
     experts, ranks, exp_e, exp_r = [], [], [], []
     modules: dict[str, dict[str, object]] = {}
+    all_ranks: dict[str, list[int]] = {}
     with torch.no_grad():
         for layer in layers:
             k, rank_list = layer.chosen()
             modules[layer.module_name] = {"experts": k, "ranks": rank_list[:k]}
+            all_ranks[layer.module_name] = rank_list
     for idx in sorted(per_layer):
         mods = per_layer[idx]
         e_hat, r_hat, ee, rr = [], [], [], []
@@ -93,7 +96,7 @@ def read_gsvs(layers: list[GSVLinear]) -> GSVReadout:
         ranks.append(sum(r_hat) / len(r_hat))
         exp_e.append(sum(ee) / len(ee))
         exp_r.append(sum(rr) / len(rr))
-    return GSVReadout(experts, ranks, exp_e, exp_r, modules=modules)
+    return GSVReadout(experts, ranks, exp_e, exp_r, modules=modules, all_ranks=all_ranks)
 
 
 def search(

@@ -53,6 +53,12 @@ class AllocateOptions(TrainOptions):
         4.0, "guilomo: epochs over the probe examples, in pairs of batches (the authors' 4)"
     )
     seeds: int = _opt(1, "guilomo: run the search with N seeds and report how their shapes agree")
+    granularity: str = _opt(
+        "layer",
+        "guilomo: layer (per-layer shape fitted to --budget) or module (also each module's "
+        "expert count and per-expert ranks as read off, the authors' granularity; no budget)",
+        choices=("layer", "module"),
+    )
     gsv_estimator: str = _opt(
         "authors",
         "guilomo: GSV estimator (authors' argmax masks, or gumbel)",
@@ -80,6 +86,10 @@ class AllocateOptions(TrainOptions):
             raise ValueError(f"--probe-steps: must be >= 1, got {self.probe_steps}")
         if not self.probe_epochs > 0:
             raise ValueError(f"--probe-epochs: must be > 0, got {self.probe_epochs}")
+        if self.granularity not in ("layer", "module"):
+            raise ValueError(f"--granularity: 'layer' or 'module', got {self.granularity!r}")
+        if self.granularity == "module" and self.strategy != "guilomo":
+            raise ValueError("--granularity module: only the guilomo strategy reads off modules")
         if self.seeds < 1:
             raise ValueError(f"--seeds: must be >= 1, got {self.seeds}")
         if self.gsv_estimator not in ("authors", "gumbel"):
@@ -147,6 +157,7 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
         }
         if agreement is not None:
             scores["seed_agreement"] = agreement
+        modules = module_shapes(found) if opts.granularity == "module" else None
         history = found.history
     else:
         found_r = redundancy.measure(
@@ -161,6 +172,7 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
         own_ranks = [r_max] * num_layers
         own_total = experts_at_rank(expert_w, opts.budget, costs, top_ks, r_max)
         scores = {"redundancy": found_r.redundancy, "normalised_entropy": found_r.entropy}
+        modules = None
         history = found_r.history
     probe_seconds = time.perf_counter() - start
     experts, ranks = fit_budget(
@@ -203,6 +215,9 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
         },
         "scores": scores,
     }
+    if modules is not None:
+        result["modules"] = modules
+        result["module_experts"] = sum(m["num_experts"] for m in modules.values())
     write_allocation(opts.output, result)
     png = os.path.splitext(opts.output)[0] + ".png"
     title = f"{opts.strategy}, budget {opts.budget} {opts.by}: "
@@ -248,7 +263,20 @@ def _guilomo(
     found.expected_experts = mean([r.expected_experts for r in runs])
     found.expected_ranks = mean([r.expected_ranks for r in runs])
     found.history = [h for r in runs for h in r.history]
+    names = list(found.modules)
+    for name in names:  # each module: the seeds' mean count, each expert's mean rank
+        k = max(1, round(sum(float(r.modules[name]["experts"]) for r in runs) / len(runs)))
+        ranks = mean([r.all_ranks[name] for r in runs])
+        found.modules[name] = {"experts": k, "ranks": [max(1, round(q)) for q in ranks[:k]]}
     return found, agreement
+
+
+def module_shapes(found: Any) -> dict[str, dict[str, Any]]:
+    """The per-module read-off as ``mola train --allocation`` reads it (``module_allocation``)."""
+    return {
+        name: {"num_experts": int(m["experts"]), "expert_ranks": [int(q) for q in m["ranks"]]}
+        for name, m in found.modules.items()
+    }
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -261,6 +289,13 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def _summary(result: dict[str, Any]) -> str:
+    if "modules" in result:
+        return (
+            f"mola allocate ({result['strategy']}, --granularity module): "
+            f"{result['module_experts']} experts in {len(result['modules'])} modules as read off "
+            f"(per-expert ranks; no budget), per-layer fallback {result['total_experts']} experts; "
+            f"probe {result['probe_seconds']:.0f}s -> {result['output']}, {result['png']}"
+        )
     return (
         f"mola allocate ({result['strategy']}, --by {result['by']} {result['budget']}): "
         f"{result['total_experts']} experts over {result['num_layers']} layers, "

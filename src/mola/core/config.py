@@ -130,6 +130,13 @@ class MolaConfig:
             "router, experts_structure; each a layer spec); the first match wins"
         },
     )
+    module_allocation: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "per-module shapes (mola allocate --granularity module): qualified module "
+            "name -> {num_experts, expert_ranks}; replaces the layer's values there"
+        },
+    )
     a_dropout: float = field(
         default=0.0, metadata={"help": "MoSLD: dropout on the entries of the shared A (training)"}
     )
@@ -227,6 +234,7 @@ class MolaConfig:
         check_structure(self.experts_structure)
         self._check_reduction()
         self.module_patterns = check_patterns(self.module_patterns)
+        self.module_allocation = check_module_allocation(self.module_allocation)
         if not 0.0 <= self.a_dropout < 1.0:
             raise ValueError(f"a_dropout: must be in [0, 1), got {self.a_dropout}")
         if self.fly_sparsity is not None and not 0.0 < self.fly_sparsity <= 1.0:
@@ -350,6 +358,15 @@ class MolaConfig:
                 values[key] = per_layer(spec, num_layers, key)[layer_idx]
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
+        if name in self.module_allocation:  # GuiLoMo's granularity: this module's own shape
+            own = self.module_allocation[name]
+            if values["experts_structure"] != "stacked":
+                raise ValueError(f"module_allocation: {name} is not a stacked-experts module")
+            ranks = tuple(own["expert_ranks"])
+            values["num_experts"], values["r"] = own["num_experts"], max(ranks)
+            if values["top_k"] is not None:
+                values["top_k"] = min(values["top_k"], own["num_experts"])
+            values["expert_ranks"] = ranks if len(set(ranks)) > 1 else None
         if values["num_experts"] == 1:  # a plain LoRA: no router to check
             values["top_k"] = values["top_k"] and 1
             return ModuleSpec(**values)
@@ -399,6 +416,24 @@ class MolaConfig:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+def check_module_allocation(value: Any) -> dict[str, dict[str, Any]]:
+    """``module_allocation``: module name -> ``{num_experts: E, expert_ranks: [E ranks >= 1]}``."""
+    if not isinstance(value, dict):
+        raise ValueError("module_allocation: expected a mapping of module name -> shape")
+    out: dict[str, dict[str, Any]] = {}
+    for name, shape in value.items():
+        ranks = shape.get("expert_ranks") if isinstance(shape, dict) else None
+        num = shape.get("num_experts") if isinstance(shape, dict) else None
+        ok = isinstance(num, int) and num >= 1 and isinstance(ranks, (list, tuple))
+        if not ok or len(ranks) != num or not all(isinstance(q, int) and q >= 1 for q in ranks):
+            raise ValueError(
+                f"module_allocation[{name!r}]: needs num_experts (>= 1) and expert_ranks "
+                f"(one int >= 1 per expert), got {shape!r}"
+            )
+        out[str(name)] = {"num_experts": num, "expert_ranks": [int(q) for q in ranks]}
+    return out
 
 
 def _json_type(value: Any) -> str:

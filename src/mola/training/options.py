@@ -217,12 +217,14 @@ class TrainOptions:
         targets = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         top_k = None if str(self.top_k).lower() in ("none", "") else self.top_k
         experts, ranks = self.experts, self.r
+        modules: dict[str, Any] = {}
         if self.allocation:  # mola allocate's per-layer lists replace --experts/--r (and top_k)
             from mola.core.allocation_file import read_allocation
 
             chosen = read_allocation(self.allocation)
             experts, ranks = chosen["num_experts"], chosen["r"]
             top_k = chosen.get("top_k", top_k)
+            modules = chosen.get("modules") or {}
         return MolaConfig(
             target_modules=targets,
             num_experts=experts,
@@ -253,6 +255,7 @@ class TrainOptions:
             lbc_groups=self.lbc_groups,
             lbc_delta=self.lbc_delta,
             lbc_loss_coef=self.lbc_loss_coef,
+            module_allocation=modules,
         )
 
     def to_dict(self) -> dict[str, Any]:
