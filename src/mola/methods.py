@@ -59,7 +59,7 @@ open choices):
   scores, gates ``k`` times the normalised biased scores, scale ``alpha / k`` and the
   loss-free balancing bias with step 1e-5 (their ``srmole/layer.py``), no balance loss.
 * ``flylora``: FlyLoRA: rank 32, top-8, alpha 64, no dropout, bias rate 0.001 (the authors'
-  ``run_mmlu.sh``); ``A`` frozen with ``top_k / r`` nonzeros per row.
+  ``run_mmlu.sh``); ``A`` frozen with ``d // (r // k)`` nonzeros per row (their PEFT fork).
 * ``comol``: CoMoL: 8 core experts of 16 x 16 between one shared A and B (r 16, alpha = r,
   dropout 0.1), all merged by a dense softmax of the router on ``A x``, on q/k/v/o/down, as the
   authors' ``configs/codealpaca20k/llama-3-1-8b-instruct_mocorelora-corerouter_train.config``
