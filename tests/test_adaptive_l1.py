@@ -79,7 +79,16 @@ def train(model: Path, data: Path, out: Path, *extra: str) -> list[dict]:
 
 def test_adaptive_weight_moves_sparsity_towards_the_target(tiny_llama_dir, data, tmp_path):
     common = ["--max-steps", "16", "--lr", "0.01", "--save-steps", "0"]
-    free = train(tiny_llama_dir, data, tmp_path / "free", *common, "--l1-loss-coef", "0")
+    free = train(
+        tiny_llama_dir,
+        data,
+        tmp_path / "free",
+        *common,
+        "--l1-loss-coef",
+        "0",
+        "--l1-loss-alpha",
+        "1",
+    )
     ruled = train(
         tiny_llama_dir, data, tmp_path / "ruled", *common,
         *["--l1-loss-coef", "0.01", "--l1-loss-alpha", "1.5"],

@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mola.allocators import guilomo, redundancy
+from mola.allocators.agreement import agreement_line, correlation, seed_agreement
 from mola.allocators.budget import (
     LayerCost,
     apportion,
@@ -19,13 +20,14 @@ from mola.allocators.budget import (
     fit_params,
     trainable_params,
 )
-from mola.allocators.gsv import GSVLinear, attach_gsvs, prefix_mask
+from mola.allocators.gsv import ExpertCountBias, GSVLinear, RankMask, attach_gsvs, prefix_mask
 from mola.allocators.probe import cycle, layer_costs, probe_model
 from mola.cli import main
 from mola.core.allocation_file import check_fits, read_allocation, write_allocation
 from mola.core.checkpoint import is_adapter_name
 from mola.core.config import MolaConfig
 from mola.core.layer import MolaLinear
+from mola.core.model import MolaModel
 from mola.training.options import TrainOptions
 
 # ----------------------------------------------------------------------------- budget arithmetic
@@ -106,7 +108,7 @@ def _linear_pair(top_k: int = 2) -> tuple[MolaLinear, GSVLinear]:
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
     plain = MolaLinear(base, num_experts=4, r=3, lora_alpha=6, top_k=top_k)
-    gsv = GSVLinear(plain, min_experts=top_k)
+    gsv = GSVLinear(plain, min_experts=top_k, estimator="gumbel")
     with torch.no_grad():
         for name in ("lora_A", "lora_B"):
             getattr(gsv, name).copy_(torch.randn_like(getattr(gsv, name)))
@@ -208,8 +210,9 @@ def test_bilevel_search_puts_the_budget_where_the_task_can_be_fit():
     model = probe_model(_two_group_model(), SEARCH_CONFIG, num_experts=4, r=4)
     costs = layer_costs(model)
     found = guilomo.search(
-        model, cycle(_lookup_batches(12, 1), 0), cycle(_lookup_batches(4, 2), 1), 25, lr=1e-2
-    )
+        model, cycle(_lookup_batches(12, 1), 0), cycle(_lookup_batches(4, 2), 1), 25, lr=1e-2,
+        gsv_lr=0.1, gsv_weight_decay=1e-3, gsv_betas=(0.9, 0.999), estimator="gumbel",
+    )  # fmt: skip
     assert len(found.experts) == len(found.ranks) == 4
     assert found.history[-1]["heldout_loss"] < found.history[0]["heldout_loss"]
     # no gradient ever reaches the bottom GSVs: they read off the smallest candidates
@@ -368,3 +371,151 @@ def test_demo_banner_names_the_allocation(tmp_path):
     assert "inverted-triangle" not in line
     line = banner(options_from_args(build_parser("demo").parse_args([]), **DEMO_RECIPE))
     assert "on sarcasm, experts inverted-triangle, top-2, r 8, 120 steps of 8" in line, line
+
+
+# ------------------------------------------------------------- the authors' GSVs (Gui-LoMo)
+
+
+def test_authors_gsv_masks_and_their_backward():
+    """GAMoEGateBackward / _E of ArMoLA/src/mola_lora_hacked.py, on hand-picked scores."""
+    s = torch.tensor([0.2, 0.3, 0.9, 0.1], requires_grad=True)
+    bias = ExpertCountBias.apply(s, 2)
+    assert bias.tolist() == [0.5, 0.5, 0.5, -1e4]  # argmax 2: experts 0..2 routable
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    (bias * g).sum().backward()
+    want = torch.zeros(4)
+    want[2] = 1.0 * 0.2 + 2.0 * 0.3 + 3.0 * 0.9  # cumsum(grad * s) at the argmax, 0 elsewhere
+    torch.testing.assert_close(s.grad, want)
+    low = torch.tensor([0.9, 0.1, 0.2], requires_grad=True)
+    assert ExpertCountBias.apply(low, 2).tolist() == [0.5, 0.5, -1e4]  # argmax 0 -> keep 2
+    r = torch.tensor([[0.1, 0.8, 0.3], [0.7, 0.2, 0.1]], requires_grad=True)
+    mask = RankMask.apply(r)
+    torch.testing.assert_close(mask, torch.tensor([[1.0, 1.0, 1e-4], [1.0, 1e-4, 1e-4]]))
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    (mask * g).sum().backward()
+    want = torch.tensor([[1e-4 * 1, 1 * 0.1 + 2 * 0.8, 1e-4 * 3], [4 * 0.7, 1e-4 * 5, 1e-4 * 6]])
+    torch.testing.assert_close(r.grad, want)
+
+
+def test_authors_gsv_linear_equals_a_loop_over_experts():
+    """Linear.forward of their code: bias on the router logits, top-k of the softmax, each
+    expert ``B (A * (E * rank_mask)) x * scaling`` weighted by its renormalised gate."""
+    torch.manual_seed(0)
+    plain = MolaLinear(torch.nn.Linear(12, 10), num_experts=4, r=3, lora_alpha=6, top_k=2)
+    gsv = GSVLinear(plain, min_experts=2)
+    with torch.no_grad():
+        gsv.lora_B.normal_()
+    x = torch.randn(5, 12)
+    y = gsv(x)
+    s_e = torch.sigmoid(gsv.lora_gsv_experts)
+    n = max(int(s_e.argmax()), 1)
+    bias = torch.tensor([0.5 if i <= n else -1e4 for i in range(4)])
+    probs = torch.softmax(gsv.router(x) + bias, -1)
+    rows = []
+    for t in range(5):
+        top = probs[t].topk(2)
+        out = torch.zeros(10)
+        for w, e in zip(top.values / top.values.sum(), top.indices.tolist(), strict=True):
+            s_r = torch.sigmoid(gsv.lora_gsv_ranks[e])
+            m = int(s_r.argmax())
+            mask = torch.tensor([1.0 if j <= m else 1e-4 for j in range(3)])
+            a = gsv.lora_A[e] * (gsv.lora_rank_scale[e] * mask)[:, None]
+            out = out + w * (gsv.lora_B[e] @ (a @ x[t])) * gsv.scaling
+        rows.append(out)
+    torch.testing.assert_close(y, gsv.base_layer(x) + torch.stack(rows), rtol=1e-5, atol=1e-6)
+    y.pow(2).sum().backward()
+    assert gsv.lora_gsv_experts.grad.count_nonzero() <= 1  # only the chosen entry moves
+    assert gsv.lora_gsv_ranks.grad.abs().sum() > 0 and gsv.lora_rank_scale.grad is not None
+    k, ranks = gsv.chosen()
+    assert k == max(2, n + 1) and len(ranks) == 4
+
+
+def test_paired_batches_count_epochs_in_pairs():
+    batches = [{"i": i} for i in range(5)]
+    train, held, steps = guilomo.paired_batches(batches, 2.0, seed=0)
+    assert steps == 6  # 3 pairs per epoch (the last batch pairs with itself) x 2 epochs
+    pairs = list(zip(train, held, strict=True))
+    assert len(pairs) == 6
+    first_epoch = {b["i"] for p in pairs[:3] for b in p}
+    assert first_epoch == set(range(5))
+
+
+def test_seed_agreement_says_when_no_shape_is_stable():
+    same = seed_agreement([[2, 3, 4, 5], [2, 3, 4, 5]], [[1, 2, 2, 3], [1, 2, 2, 3]])
+    assert same["layer_experts_r"] == 1.0 and same["stable"]
+    assert "stable across seeds" in agreement_line(same)
+    noise = seed_agreement([[2, 5, 3, 4], [5, 2, 4, 3]], [[1, 2, 3, 1], [3, 1, 2, 2]])
+    assert noise["layer_experts_r"] < 0 and not noise["stable"]
+    assert "no stable shape found" in agreement_line(noise)
+    assert correlation([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_cli_allocate_reports_seed_agreement(tiny_llama_dir, mc_file, tmp_path, capsys):
+    out = tmp_path / "s.yaml"
+    args = ["allocate", "--model", str(tiny_llama_dir), "--data", str(mc_file), *FAST]
+    cut = args.index("--probe-steps")
+    args = args[:cut] + args[cut + 2 :]  # the length in epochs instead
+    code = main(
+        [*args, "--budget", "5", "--seeds", "2", "--probe-epochs", "1", "--output", str(out)]
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("2 seeds agree: per-layer r")
+    alloc = read_allocation(out)
+    assert alloc["scores"]["seed_agreement"]["seeds"] == 2
+    modules = alloc["scores"]["gsv_modules"]
+    assert len(modules) == 2 * 3 and all(len(m["ranks"]) == m["experts"] for m in modules.values())
+    assert alloc["probe"]["epochs"] == 1.0 and alloc["probe"]["seeds"] == 2
+
+
+def test_module_allocation_builds_each_modules_own_shape(tmp_path):
+    name = "model.layers.3.self_attn.q_proj"  # a live layer (0-1 see zeros)
+    shape = {name: {"num_experts": 3, "expert_ranks": [1, 4, 2]}}
+    config = MolaConfig(num_experts=2, r=2, module_allocation=shape)
+    base = _two_group_model()
+    model = MolaModel(base, config)
+    layers = dict(model.mola_layers())
+    q = layers[name]
+    assert (q.num_experts, q.r) == (3, 4)
+    assert q.experts.lora_rank_mask.sum(dim=1).tolist() == [1.0, 4.0, 2.0]
+    other = layers["model.layers.3.self_attn.v_proj"]
+    assert (other.num_experts, other.r) == (2, 2) and other.experts.lora_rank_mask is None
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.eval().save_pretrained(tmp_path)
+    again = MolaModel.from_pretrained(_two_group_model(), tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, again(input_ids=ids).logits)
+        with model.disable_adapter():
+            assert not torch.allclose(got, model(input_ids=ids).logits)  # the adapter acts
+    with pytest.raises(ValueError, match="module_allocation"):
+        MolaConfig(module_allocation={name: {"num_experts": 2, "expert_ranks": [1]}})
+
+
+def test_cli_allocate_by_module_then_train(tiny_llama_dir, mc_file, tmp_path, capsys):
+    out = tmp_path / "m.yaml"
+    args = ["allocate", "--model", str(tiny_llama_dir), "--data", str(mc_file), *FAST]
+    assert main([*args, "--budget", "5", "--granularity", "module", "--output", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--granularity module" in line and "6 modules as read off" in line
+    alloc = read_allocation(out)
+    assert len(alloc["modules"]) == 6
+    run = tmp_path / "run"
+    code = main(
+        ["train", "--model", str(tiny_llama_dir), "--data", str(mc_file), "--allocation", str(out),
+         "--target-modules", "q_proj,v_proj,down_proj", "--max-steps", "1", "--batch-size", "4",
+         "--no-progress", "--no-eval", "--output", str(run), "--save-steps", "0"]
+    )  # fmt: skip
+    assert code == 0
+    saved = json.loads((run / "adapter_config.json").read_text())
+    assert saved["module_allocation"] == alloc["modules"]
+    base = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    loaded = MolaModel.from_pretrained(base, run)
+    for name, shape in alloc["modules"].items():
+        layer = dict(loaded.mola_layers())[name]
+        assert layer.num_experts == shape["num_experts"]
+        assert layer.r == max(shape["expert_ranks"])

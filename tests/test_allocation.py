@@ -71,11 +71,13 @@ def test_bad_specs_name_the_field(spec, layers, message):
 
 
 def test_config_resolve_and_top_k_check():
-    with pytest.raises(ValueError, match=r"top_k: 2 is more than the 1 experts of a layer"):
-        MolaConfig(num_experts=[1, 4], top_k=2)  # decidable without the model
-    cfg = MolaConfig(num_experts=[1, 4], top_k=[2, 2, 2, 2])
-    with pytest.raises(ValueError, match=r"decoder layer 0: top_k: 2 is not in 1..1"):
+    with pytest.raises(ValueError, match=r"top_k: 3 is more than the 2 experts of a layer"):
+        MolaConfig(num_experts=[2, 4], top_k=3)  # decidable without the model
+    cfg = MolaConfig(num_experts=[2, 4], top_k=[3, 3, 3, 3])
+    with pytest.raises(ValueError, match=r"decoder layer 0: top_k: 3 is not in 1..2"):
         cfg.resolve(4)
+    # a layer with one expert is a plain LoRA: no router, top_k 1
+    assert MolaConfig(num_experts=[1, 4], top_k=2).resolve(4)["top_k"] == [1, 1, 2, 2]
     cfg = MolaConfig(num_experts=[2, 4], top_k=[1, 3], r="4,8")
     assert cfg.resolve(4) == {"num_experts": [2, 2, 4, 4], "top_k": [1, 1, 3, 3], "r": [4, 4, 8, 8]}
     with pytest.raises(ValueError, match="^r: every value must be >= 1"):

@@ -116,3 +116,61 @@ def test_compose_refuses_dora(tiny_llama_dir, tmp_path, capsys):
 def test_compose_missing_directory(tmp_path, capsys):
     assert main(["compose", "--adapters", str(tmp_path / "nope"), "--output", "x"]) == 2
     assert "adapter_config.json not found" in capsys.readouterr().err
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mola: error: "), err
+    return err[0]
+
+
+def _compose(tiny_llama_dir, adapters, out) -> int:
+    argv = ["compose", "--adapters", *map(str, adapters), "--output", str(out)]
+    return main([*argv, "--model", str(tiny_llama_dir), "--no-progress"])
+
+
+def test_compose_refuses_an_activated_lora(tiny_llama_dir, tmp_path, capsys):
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], alora_invocation_tokens=[5, 6])
+    get_peft_model(load(tiny_llama_dir), cfg).save_pretrained(tmp_path / "alora")
+    capsys.readouterr()
+    assert _compose(tiny_llama_dir, [tmp_path / "alora"], tmp_path / "o") == 2
+    assert "activated LoRA (aLoRA" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_compose_refuses_a_lora_on_lm_head(tiny_llama_dir, tmp_path, capsys):
+    cfg = LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+    get_peft_model(load(tiny_llama_dir), cfg).save_pretrained(tmp_path / "head")
+    capsys.readouterr()
+    assert _compose(tiny_llama_dir, [tmp_path / "head"], tmp_path / "o") == 2
+    assert "has a LoRA on lm_head, outside the decoder layers" in _one_line_error(capsys)
+
+
+def test_compose_names_peft_sub_adapters(tiny_llama_dir, tmp_path, capsys):
+    peft = get_peft_model(load(tiny_llama_dir), LoraConfig(r=2), adapter_name="second")
+    peft.save_pretrained(tmp_path / "named")
+    assert (tmp_path / "named" / "second" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert _compose(tiny_llama_dir, [tmp_path / "named"], tmp_path / "o") == 2
+    line = _one_line_error(capsys)
+    assert "named adapters second in sub-directories" in line
+    assert str(tmp_path / "named" / "second") in line
+
+
+def test_compose_reads_a_bin_adapter_like_safetensors(tiny_llama_dir, peft_dirs, tmp_path):
+    peft = PeftModel.from_pretrained(load(tiny_llama_dir), str(peft_dirs[0]))
+    peft.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "bin" / "adapter_model.safetensors").exists()
+    assert _compose(tiny_llama_dir, [tmp_path / "bin"], tmp_path / "from_bin") == 0
+    assert _compose(tiny_llama_dir, [peft_dirs[0]], tmp_path / "from_st") == 0
+    a = load_file(tmp_path / "from_bin" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "from_st" / "adapter_model.safetensors")
+    experts = [k for k in a if "router" not in k]
+    assert experts and all(torch.equal(a[k], b[k]) for k in experts)
+
+
+def test_allocate_negative_budget_is_one_line_before_any_work(tmp_path, capsys):
+    argv = ["allocate", "--budget", "-3", "--model", str(tmp_path / "no-model")]
+    assert main([*argv, "--output", str(tmp_path / "a.yaml")]) == 2
+    assert "--budget: must be a positive count, got -3" in _one_line_error(capsys)

@@ -133,7 +133,7 @@ def test_flylora_frozen_sparse_a_and_implicit_router():
     assert "lora_A" not in dict(experts.named_parameters())
     assert "lora_A" in dict(experts.named_buffers())
     nonzero = (experts.lora_A != 0).sum(dim=1)
-    assert torch.equal(nonzero, torch.full((8,), int(D_IN * 2 / 8)))  # rho = k / r
+    assert torch.equal(nonzero, torch.full((8,), D_IN // (8 // 2)))  # the authors' d // (r // k)
     x = torch.randn(6, D_IN, dtype=torch.float64)
     h = x @ experts.lora_A.T
     experts.eval()
@@ -147,11 +147,13 @@ def test_balance_bias_moves_toward_the_mean_load():
     experts.train()
     h = torch.tensor([[5.0, 0.1, 0.1, 0.1]] * 3 + [[0.1, 4.0, 0.1, 0.1]], dtype=torch.float64)
     experts.implicit_gates(h)  # loads 3, 1, 0, 0; mean 1
-    assert experts.lora_balance_bias.tolist() == [-0.5, 0.0, 0.5, 0.5]
+    assert experts.lora_balance_pending.tolist() == [-0.5, 0.0, 0.5, 0.5]  # the next forward's
+    assert experts.balance_bias().tolist() == [-0.5, 0.0, 0.5, 0.5]
+    assert experts.lora_balance_pending.abs().sum() == 0
 
 
 def test_smora_biased_selection_keeps_unbiased_gates():
-    experts = make("rankwise", r=4, k=2, balance_bias_rate=0.1)
+    experts = make("rankwise", r=4, k=2, balance_bias_rate=0.1, smora_gating="softmax")
     with torch.no_grad():
         experts.lora_balance_bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
     experts.eval()

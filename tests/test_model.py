@@ -198,8 +198,8 @@ def test_regex_targets_only_mlp():
         ),
         (MolaConfig(num_experts=[2, 2, 3, 4, 5]), "num_experts: got 5 values for 4 decoder"),
         (
-            MolaConfig(num_experts=[1, 2], top_k=[2, 2, 2, 2]),
-            "decoder layer 0: top_k: 2 is not in 1..1",
+            MolaConfig(num_experts=[3, 2], top_k=[3, 3, 3, 3]),  # (1 expert: a plain LoRA)
+            "decoder layer 2: top_k: 3 is not in 1..2",
         ),
         (
             MolaConfig(target_modules=["q_proj", "nonexistent_proj"], num_experts=2),

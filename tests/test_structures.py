@@ -77,6 +77,7 @@ def test_flylora_trains_only_b_and_saves_its_frozen_a(tmp_path):
     model.train()
     ids = torch.randint(0, 97, (4, 9))
     model(input_ids=ids, labels=ids).loss.backward()  # the balancing bias moves in training
+    model(input_ids=ids, labels=ids)  # (each forward's step is added before the next forward)
     layer = next(layer for _, layer in model.mola_layers())
     assert layer.experts.lora_balance_bias.abs().sum() > 0
 
@@ -92,26 +93,37 @@ def oracle_layer(layer: MolaLinear, x: torch.Tensor) -> torch.Tensor:
             chosen = p.topk(layer.router.top_k).indices
             merged = sum(p[e] / p[chosen].sum() * experts.lora_C[e] for e in chosen.tolist())
             rows.append(experts.scaling * experts.lora_B @ (merged @ h))
-        else:  # rankwise, balancing bias on: select top-k of p + b, weigh by renormalised p
+        elif experts.gating == "sigmoid":  # SMoRA's code: k * biased scores, alpha / k
+            k = experts.top_k
+            score = torch.sigmoid(layer.router.weight @ x[t]) + experts.lora_balance_bias
+            chosen = score.topk(k).indices.tolist()
+            gate = {i: k * score[i] / score[chosen].sum() for i in chosen}
+            y = sum(gate[i] * experts.lora_B[:, i] * (experts.lora_A[i] @ x[t]) for i in chosen)
+            rows.append(experts.lora_alpha / k * y)
+        else:  # loss-free variant: select top-k of p + b, weigh by renormalised p, alpha / r
             p = torch.softmax(layer.router.weight @ x[t], -1)
             chosen = (p + experts.lora_balance_bias).topk(experts.top_k).indices.tolist()
             y = sum(
                 p[i] / p[chosen].sum() * experts.lora_B[:, i] * (experts.lora_A[i] @ x[t])
                 for i in chosen
             )
-            rows.append(experts.scaling * y)
+            rows.append(experts.lora_alpha / experts.r * y)
     return out + torch.stack(rows)
 
 
-@pytest.mark.parametrize("structure", ["core", "rankwise"])
-def test_layer_routing_matches_formula(structure):
+@pytest.mark.parametrize(
+    "structure, gating", [("core", None), ("rankwise", "sigmoid"), ("rankwise", "softmax")]
+)
+def test_layer_routing_matches_formula(structure, gating):
     torch.manual_seed(0)
     base = nn.Linear(12, 10).double()
     r = 6
     layer = MolaLinear(
         base, r if structure == "rankwise" else 4, r, 12.0, 0.0, 2,
         experts_structure=structure,
-        structure_options=StructureOptions(top_k=2, balance_bias_rate=0.1),
+        structure_options=StructureOptions(
+            top_k=2, balance_bias_rate=0.1, smora_gating=gating or "sigmoid"
+        ),
     ).eval()  # fmt: skip
     with torch.no_grad():
         layer.experts.lora_B.normal_(std=0.5)

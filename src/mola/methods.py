@@ -3,13 +3,16 @@
 A preset is a set of training options (:class:`~mola.training.options.TrainOptions` fields)
 that reproduces a paper's configuration inside mola. It sits between the defaults and
 everything the user gives: defaults < preset < YAML file < flags, so any key can be overridden.
-``mola methods`` lists them. What each sets, and where the paper leaves a choice open:
+``mola methods`` lists them. docs/methods.md gives each method's formula, the authors' code it
+follows, its defaults and every deliberate difference; in short:
 
 * ``mola``: MoLA (Gao et al. 2024, arXiv 2402.08562), mola's defaults: inverted-triangle experts
   2-4-6-8, top-2 of ``softmax(Rx)`` per adapted module, load-balancing loss weight 0.001.
 * ``mixlora``: MixLoRA (Li et al. 2024, arXiv 2404.15159; MoE-PEFT's ``mixlora``): 8 experts on
   the MLP projections, one top-2 router per MLP block computed from the block's input and shared
-  by gate/up/down (``router_scope: block``), balance weight 0.01 (MoE-PEFT's default), and an
+  by gate/up/down (``router_scope: block``), balance weight 0.01 (the MixLoRA README's configs;
+  the code's fallback is 0.001) on Mixtral's loss taken once over all layers
+  (``aux_loss_reduction: mixtral``, as MoE-PEFT's ``_mixtral_load_balancing_loss_func``), and an
   independent plain LoRA (one expert, no router, via ``module_patterns``) on each attention
   projection q/k/v/o, as the paper and the authors' code do (TUDB-Labs/MixLoRA ``mixlora/model.py``
   puts a ``LoraLinear`` on every targeted ``self_attn`` projection; MoE-PEFT's
@@ -22,16 +25,26 @@ everything the user gives: defaults < preset < YAML file < flags, so any key can
   abstract; the rank, LLaVA-1.5's 128, is left at mola's default).
 * ``loramoe``: LoRAMoE (Dou et al. 2024, arXiv 2312.09979): 6 experts of rank 4 (alpha 32) on
   the MLP projections, every expert used with its softmax weight, the localized balancing
-  constraint (delta 0.1, weight 0.1; examples carry an optional ``group``).
-* ``ld-mole``: LD-MoLE (Zhuang et al., ICLR 2026): 8 experts on all projections, sparsegen
-  routing with a shared lambda MLP, balance weight 1.0 and sparsity loss off, as the authors'
-  ``run.sh`` (``lb_loss_coef=1.0``, ``reg_loss_coef=0.0``); ``top_k`` 2 is the sparsity loss'
-  target when ``--sparsity-loss-coef`` is set.
+  constraint (the authors' ``cv_squared``, delta 0.1, weight 0.1, summed over modules; examples
+  carry an optional ``group``).
+* ``ld-mole``: LD-MoLE (Zhuang et al., ICLR 2026): 8 experts of r 8, alpha 16, dropout 0.1 on
+  all projections (``conf/model/*.yaml``), sparsegen routing with a shared lambda MLP, balance
+  weight 1.0 and sparsity loss off, as the authors' ``run.sh`` (``lb_loss_coef=1.0``,
+  ``reg_loss_coef=0.0``), each loss averaged over all modules (``module_mean``, their
+  ``loss/loss.py``); ``top_k`` 2 is the sparsity loss' target when ``--sparsity-loss-coef`` is
+  set.
 * ``dynmole``: DynMoLE (Li et al. 2025, arXiv 2504.00661): 8 experts, Tsallis entropy index 1.1,
   threshold 0.9, top-p 0.75, at least 2 experts, balance 0.001 and entropy loss 0.01 (the
-  authors' defaults).
-* ``adamole``: AdaMoLE (Liu & Luo, COLM 2024): 8 experts, learned threshold capped at ``1/E``,
-  balance weight 0.001 (the authors' ``aux_loss_coef``).
+  authors' defaults, also the ``dynmole`` router's without the preset), both taken once over
+  all layers' router outputs concatenated (``global``).
+* ``adamole``: AdaMoLE (Liu & Luo, COLM 2024): 8 experts of rank 4 (the authors' total rank
+  32 split over 8 experts) on q/k/v/o, alpha 16, dropout 0.05, learned threshold capped at
+  ``1/E``, balance weight 0.001 (``configs/llama_adamole_csr_train.config``), summed over modules
+  (``module_sum``, their ``get_aux_loss``).
+* ``remoe``: ReMoE (Wang et al., ICLR 2025): 8 experts on the MLP with one ReLU router per MLP
+  block, the adaptive L1 starting at 1e-8 and multiplied or divided by 1.2 each step towards
+  ``1 - 1/8`` sparsity (``--moe-router-topk 1`` in ``scripts/train_llama_*_remoe.sh``), one loss
+  per layer summed over layers (their router's ``MoEAuxLossAutoScaler``).
 
 Expert structures (:mod:`mola.experts`; each structure's docstring has the formula and the
 open choices):
@@ -41,11 +54,17 @@ open choices):
   ``fine-tuning.sh`` (Clin0212/HydraLoRA).
 * ``mosld``: MoSLD: shared ``A`` with dropout 0.1 on its entries (the paper's rate was not
   recovered here), 8 heads, top-2, on ``q_proj``/``v_proj`` as the paper applies it.
-* ``smora``: SMoRA: rank 64, 8 active ranks per token, alpha 128 (2r, mola's choice), the
-  loss-free balancing bias instead of the balance loss.
+* ``smora``: SMoRA: rank 64, 8 active ranks per token, alpha 16, dropout 0, on every linear
+  projection (``lora_target: all``), as the authors' ``llama2_7b_lora_srmole.yaml``; sigmoid
+  scores, gates ``k`` times the normalised biased scores, scale ``alpha / k`` and the
+  loss-free balancing bias with step 1e-5 (their ``srmole/layer.py``), no balance loss.
 * ``flylora``: FlyLoRA: rank 32, top-8, alpha 64, no dropout, bias rate 0.001 (the authors'
-  ``run_mmlu.sh``); ``A`` frozen with ``top_k / r`` nonzeros per row.
-* ``comol``: CoMoL: 8 core experts of 8 x 8, top-2 (the expert count and k are mola's choice).
+  ``run_mmlu.sh``); ``A`` frozen with ``d // (r // k)`` nonzeros per row (their PEFT fork).
+* ``comol``: CoMoL: 8 core experts of 16 x 16 between one shared A and B (r 16, alpha = r,
+  dropout 0.1), all merged by a dense softmax of the router on ``A x``, on q/k/v/o/down, as the
+  authors' ``configs/codealpaca20k/llama-3-1-8b-instruct_mocorelora-corerouter_train.config``
+  and ``train.py`` (``lora_alpha = lora_rank``, ``lora_dropout = 0.1``); no balance loss (they
+  have none).
 * ``hilo``: HILO: 2-4-6-8 experts and ranks 2-4-6-8 over four layer groups (the rank setting the
   paper reports best), top-2.
 """
@@ -93,6 +112,7 @@ METHODS: dict[str, Method] = {
                 "target_modules": ATTENTION_MLP_TARGETS,
                 "module_patterns": PLAIN_LORA_ATTENTION,
                 "aux_loss_coef": 0.01,
+                "aux_loss_reduction": "mixtral",
             },
         ),
         Method(
@@ -128,7 +148,16 @@ METHODS: dict[str, Method] = {
             "ld-mole",
             "sparsegen routing, token lambda from a shared MLP: dynamic experts per token",
             "Zhuang et al., LD-MoLE, ICLR 2026, arXiv 2509.25684",
-            {"experts": "8", "top_k": "2", "router": "ldmole", "aux_loss_coef": 1.0},
+            {
+                "experts": "8",
+                "top_k": "2",
+                "r": "8",
+                "alpha": 16.0,
+                "dropout": 0.1,
+                "router": "ldmole",
+                "aux_loss_coef": 1.0,
+                "sparsity_loss_coef": 0.0,
+            },
         ),
         Method(
             "dynmole",
@@ -147,7 +176,31 @@ METHODS: dict[str, Method] = {
             "adamole",
             "experts above a learned per-token threshold",
             "Liu & Luo, AdaMoLE, COLM 2024, arXiv 2405.00361",
-            {"experts": "8", "top_k": "none", "router": "adamole", "aux_loss_coef": 0.001},
+            {
+                "experts": "8",
+                "top_k": "none",
+                "r": "4",
+                "alpha": 16.0,
+                "dropout": 0.05,
+                "router": "adamole",
+                "target_modules": "q_proj,k_proj,v_proj,o_proj",
+                "aux_loss_coef": 0.001,
+            },
+        ),
+        Method(
+            "remoe",
+            "ReLU router on the MLP, adaptive L1 towards 1 of 8 experts per token",
+            "Wang et al., ReMoE, ICLR 2025, arXiv 2412.14711",
+            {
+                "experts": "8",
+                "top_k": "1",
+                "router": "relu",
+                "router_scope": "block",
+                "target_modules": MLP_TARGETS,
+                "aux_loss_coef": 0.0,
+                "l1_loss_coef": 1e-8,
+                "l1_loss_alpha": 1.2,
+            },
         ),
         # expert structures (mola.experts)
         Method(
@@ -184,9 +237,11 @@ METHODS: dict[str, Method] = {
                 "experts_structure": "rankwise",
                 "r": "64",
                 "top_k": "8",
-                "alpha": 128.0,
+                "alpha": 16.0,
+                "dropout": 0.0,
                 "aux_loss_coef": 0.0,
-                "balance_bias_rate": 0.001,
+                "balance_bias_rate": 1e-5,
+                "smora_gating": "sigmoid",
             },
         ),
         Method(
@@ -205,9 +260,19 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "comol",
-            "8 r x r core experts between one shared A and B, routed on A x, soft-merged",
+            "8 r x r core experts between one shared A and B, all merged by softmax on A x",
             "Cao et al. 2026, CoMoL, arXiv 2603.00573",
-            {"experts_structure": "core", "experts": "8", "top_k": "2", "r": "8"},
+            {
+                "experts_structure": "core",
+                "experts": "8",
+                "top_k": "none",
+                "router": "soft",
+                "r": "16",
+                "alpha": 16.0,
+                "dropout": 0.1,
+                "aux_loss_coef": 0.0,
+                "target_modules": "q_proj,k_proj,v_proj,o_proj,down_proj",
+            },
         ),
         Method(
             "hilo",

@@ -2,37 +2,36 @@
 
 Followed: Zhang, Chen et al., "GuiLoMo: Allocating Expert Number and Rank for LoRA-MoE via Bilevel
 Optimization with GuidedSelection Vectors", arXiv 2506.14646 (v2; EMNLP 2025 Findings), and the
-authors' code, github.com/Liar406/Gui-LoMo at commit f6305dc (``ArMoLA/``: the search;
-``save_rankandexp_num.py``: the read-off), read for the method, not copied. Only the paper's
-abstract (v1 and v2 agree) was readable from here, not its method section, so where the two could
-differ the details below follow the code.
+authors' code, Liar406/Gui-LoMo (``ArMoLA/src/mola_lora_hacked.py``: the GSVs and their
+backward; ``ArMoLA/src/mola_trainer_hacked.py``: ``architect_step``, the bilevel loop;
+``ArMoLA/mola_training.py`` and ``run_train.sh``: the settings; ``save_rankandexp_num.py``: the
+read-off), read for the method, not copied.
 
-What is as in the paper / code:
+As the authors' code (the default, ``estimator="authors"``; see :mod:`mola.allocators.gsv`):
 
-* one expert GSV per adapted module (per decoder layer *and* module type) over the candidate
-  expert numbers, and one rank GSV per expert over the candidate ranks ``1..R_max``; choosing
-  ``k`` keeps the first ``k`` experts routable (the others' router logits get -1e4) and choosing
-  ``q`` keeps an expert's first ``q`` rank components (see :mod:`mola.allocators.gsv`);
-* bilevel optimisation: the experts and routers (lower level) are trained on a training split,
-  the GSVs (upper level) on a held-out split of the *training* data, alternating one batch each,
-  GSV step first as in DARTS; AdamW on the GSVs with weight decay 1e-3 as in the code;
-* read-off: ``argmax`` of each GSV (+ the smallest candidate), as ``save_rankandexp_num.py``.
+* one expert GSV per adapted module (per decoder layer *and* module type) and one rank GSV per
+  expert; sigmoid scores, hard argmax masks whose backward updates only the chosen entry, random
+  (``randn``) initialisation, the expert-count gradient through a bias on the router logits, a
+  trainable per-rank scale on each expert;
+* bilevel optimisation over the training data in pairs of consecutive batches: the first of a
+  pair trains the experts and routers (lower level), the second the GSVs (upper level), GSV
+  step first as in DARTS; the GSVs' optimiser is AdamW with lr 3e-3, betas (0.5, 0.999) and
+  no weight decay (``arch_learning_rate=3e-3``; their ``create_optimizer_arch`` takes the
+  Trainer's weight decay, 0 by default); the length is counted in epochs (4 in
+  ``run_train.sh``);
+* read-off per module: ``max(min_experts, argmax + 1)`` experts, ``argmax + 1`` ranks per
+  expert (:attr:`GSVReadout.modules`).
 
-Choices the paper leaves open or that mola makes differently (each recorded here):
+Deliberate differences (docs/methods.md):
 
-* gradient estimator: a straight-through Gumbel-softmax over the candidates (hard prefix mask
-  forward, relaxed mask backward, temperature 1). The authors' code uses a custom backward that
-  only updates the argmax entry; the straight-through form gives every candidate a gradient;
 * first-order bilevel approximation (DARTS with xi = 0): the code's second-order finite
-  difference costs three more forward/backward passes per step, too slow on CPU;
-* GSVs start uniform (zeros), so a layer with no evidence reads off the smallest candidate;
-* the smallest expert candidate is ``max(1, top_k)`` (the code forces >= 2 for its top-2);
-* mola has one expert number and one rank per decoder layer, so the read-offs are averaged over
-  the layer's modules (and, for ranks, over its selected experts); those averages are the
-  layer's weights, scaled to the budget by :mod:`mola.allocators.budget` (the paper reads off
-  the numbers without a budget);
-* the GSV learning rate is high (0.1 by default, the code's is 3e-3) because a CPU probe runs tens
-  of steps, not epochs.
+  difference costs three more forward/backward passes per step;
+* the experts' optimiser is the probe's AdamW (``--lr``), not the Trainer's schedule;
+* mola trains one expert number and one rank per decoder layer, so the per-module read-offs
+  are averaged per layer into the layer's weights, scaled to the budget by
+  :mod:`mola.allocators.budget` (the paper reads off the numbers without a budget); the
+  per-module counts and per-expert ranks are reported beside the allocation;
+* ``estimator="gumbel"`` keeps mola's earlier straight-through Gumbel-softmax search.
 """
 
 from __future__ import annotations
@@ -65,6 +64,8 @@ class GSVReadout:
     expected_ranks: list[float]
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    modules: dict[str, dict[str, object]] = field(default_factory=dict)
+    all_ranks: dict[str, list[int]] = field(default_factory=dict)  # every expert's, per module
 
 
 def read_gsvs(layers: list[GSVLinear]) -> GSVReadout:
@@ -73,6 +74,13 @@ def read_gsvs(layers: list[GSVLinear]) -> GSVReadout:
     for layer in layers:
         per_layer.setdefault(-1 if layer.layer_idx is None else layer.layer_idx, []).append(layer)
     experts, ranks, exp_e, exp_r = [], [], [], []
+    modules: dict[str, dict[str, object]] = {}
+    all_ranks: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for layer in layers:
+            k, rank_list = layer.chosen()
+            modules[layer.module_name] = {"experts": k, "ranks": rank_list[:k]}
+            all_ranks[layer.module_name] = rank_list
     for idx in sorted(per_layer):
         mods = per_layer[idx]
         e_hat, r_hat, ee, rr = [], [], [], []
@@ -88,7 +96,7 @@ def read_gsvs(layers: list[GSVLinear]) -> GSVReadout:
         ranks.append(sum(r_hat) / len(r_hat))
         exp_e.append(sum(ee) / len(ee))
         exp_r.append(sum(rr) / len(rr))
-    return GSVReadout(experts, ranks, exp_e, exp_r)
+    return GSVReadout(experts, ranks, exp_e, exp_r, modules=modules, all_ranks=all_ranks)
 
 
 def search(
@@ -98,16 +106,19 @@ def search(
     steps: int,
     *,
     lr: float = 2e-3,
-    gsv_lr: float = 0.1,
-    gsv_weight_decay: float = 1e-3,
+    gsv_lr: float = 3e-3,
+    gsv_weight_decay: float = 0.0,
+    gsv_betas: tuple[float, float] = (0.5, 0.999),
     tau: float = 1.0,
+    estimator: str = "authors",
     progress: bool = False,
 ) -> GSVReadout:
     """Run GuiLoMo's bilevel search on ``model`` (a uniform probe at the largest candidate shape).
 
     Every ``MolaLinear`` becomes a :class:`~mola.allocators.gsv.GSVLinear` (fresh weights). Each
     step: one AdamW step of the GSVs on a ``heldout`` batch, then one AdamW step of the experts
-    and routers on a ``train`` batch.
+    and routers on a ``train`` batch (the authors take the two from consecutive batches of the
+    training data: :func:`paired_batches`).
 
     Returns:
         The per-layer read-off (:class:`GSVReadout`).
@@ -117,13 +128,13 @@ def search(
     if steps < 1:
         raise ValueError(f"--probe-steps: must be >= 1, got {steps}")
     start = time.perf_counter()
-    layers = attach_gsvs(model.base_model, tau=tau)
+    layers = attach_gsvs(model.base_model, tau=tau, estimator=estimator)
     if not layers:
         raise ValueError("the model has no MoLA layers to allocate")
     gsvs = [p for n, p in model.named_parameters() if "lora_gsv_" in n]
     weights = [p for n, p in model.named_parameters() if p.requires_grad and "lora_gsv_" not in n]
     opt_w = torch.optim.AdamW(weights, lr=lr, weight_decay=0.0)
-    opt_g = torch.optim.AdamW(gsvs, lr=gsv_lr, weight_decay=gsv_weight_decay)
+    opt_g = torch.optim.AdamW(gsvs, lr=gsv_lr, betas=gsv_betas, weight_decay=gsv_weight_decay)
     history: list[dict[str, float]] = []
     model.train()
     bar = tqdm(range(steps), desc="guilomo", unit="step", disable=not progress)
@@ -137,3 +148,24 @@ def search(
     readout.history = history
     readout.seconds = time.perf_counter() - start
     return readout
+
+
+def paired_batches(batches: list, epochs: float, seed: int) -> tuple[Iterator, Iterator, int]:
+    """The authors' bilevel stream: each epoch (shuffled by ``seed`` + epoch) split into pairs
+    of consecutive batches, the first for the weights, the second for the GSVs (the last batch
+    of an odd count pairs with itself, as their ``inputs_train.copy()``).
+
+    Returns ``(train, heldout, steps)`` with ``steps`` = pairs per epoch x ``epochs`` (>= 1).
+    """
+    per_epoch = max(1, (len(batches) + 1) // 2)
+    steps = max(1, round(per_epoch * epochs))
+    pairs: list[tuple] = []
+    epoch = 0
+    while len(pairs) < steps:
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + epoch))
+        chosen = [batches[int(i)] for i in order]
+        for i in range(0, len(chosen), 2):
+            pairs.append((chosen[i], chosen[i + 1] if i + 1 < len(chosen) else chosen[i]))
+        epoch += 1
+    pairs = pairs[:steps]
+    return iter([p[0] for p in pairs]), iter([p[1] for p in pairs]), steps

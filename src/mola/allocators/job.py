@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mola.allocators import guilomo, redundancy
+from mola.allocators.agreement import agreement_line, seed_agreement
 from mola.allocators.budget import (
     BUDGET_KINDS,
     experts_at_rank,
@@ -46,10 +48,27 @@ class AllocateOptions(TrainOptions):
     by: str = _opt("experts", "what --budget counts", choices=BUDGET_KINDS)
     strategy: str = _opt("guilomo", "allocation strategy", choices=STRATEGIES)
     max_experts: int = _opt(8, "largest candidate expert number (and the redundancy probe's)")
-    probe_steps: int = _opt(40, "probe steps (guilomo: one GSV + one expert step each)")
+    probe_steps: int | None = _opt(
+        None, "probe steps (default: guilomo --probe-epochs, redundancy 40)"
+    )
+    probe_epochs: float = _opt(
+        4.0, "guilomo: epochs over the probe examples, in pairs of batches (the authors' 4)"
+    )
+    seeds: int = _opt(1, "guilomo: run the search with N seeds and report how their shapes agree")
+    granularity: str = _opt(
+        "layer",
+        "guilomo: layer (per-layer shape fitted to --budget) or module (also each module's "
+        "expert count and per-expert ranks as read off, the authors' granularity; no budget)",
+        choices=("layer", "module"),
+    )
+    gsv_estimator: str = _opt(
+        "authors",
+        "guilomo: GSV estimator (authors' argmax masks, or gumbel)",
+        choices=("authors", "gumbel"),
+    )
     probe_examples: int = _opt(320, "training examples the probe uses")
-    heldout: float = _opt(0.25, "share of the probe examples held out for the GSV steps")
-    gsv_lr: float = _opt(0.1, "learning rate of the GuidedSelection Vectors")
+    heldout: float = _opt(0.25, "redundancy: share of the probe examples held out to measure")
+    gsv_lr: float = _opt(3e-3, "learning rate of the GuidedSelection Vectors (the authors')")
     output: str = _opt("alloc.yaml", "allocation YAML to write (a PNG is written beside it)")
     lr: float = _opt(2e-3, "learning rate of the probe's experts and routers")
 
@@ -63,6 +82,20 @@ class AllocateOptions(TrainOptions):
         super().__post_init__()
         if self.budget is None:
             raise ValueError("--budget: required (total experts, or trainable params with --by)")
+        if self.budget < 1:
+            raise ValueError(f"--budget: must be a positive count, got {self.budget}")
+        if self.probe_steps is not None and self.probe_steps < 1:
+            raise ValueError(f"--probe-steps: must be >= 1, got {self.probe_steps}")
+        if not self.probe_epochs > 0:
+            raise ValueError(f"--probe-epochs: must be > 0, got {self.probe_epochs}")
+        if self.granularity not in ("layer", "module"):
+            raise ValueError(f"--granularity: 'layer' or 'module', got {self.granularity!r}")
+        if self.granularity == "module" and self.strategy != "guilomo":
+            raise ValueError("--granularity module: only the guilomo strategy reads off modules")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds: must be >= 1, got {self.seeds}")
+        if self.gsv_estimator not in ("authors", "gumbel"):
+            raise ValueError(f"--gsv-estimator: 'authors' or 'gumbel', got {self.gsv_estimator!r}")
         if not 0.0 < self.heldout < 1.0:
             raise ValueError("--heldout: must be in (0, 1)")
         if self.probe_examples < 2:
@@ -106,6 +139,7 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     base, tokenizer = load_base(opts.model, progress=opts.progress)
     config = opts.mola_config()
     config.top_k = top_k
+    pristine = copy.deepcopy(base) if opts.strategy == "guilomo" else None
     model = probe_model(base, config, opts.max_experts, r_max)
     costs = layer_costs(model)
     num_layers = len(costs)
@@ -118,15 +152,7 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     start = time.perf_counter()
     scores: dict[str, Any]
     if opts.strategy == "guilomo":
-        found = guilomo.search(
-            model,
-            cycle(train_batches, opts.seed),
-            cycle(held_batches, opts.seed + 1),
-            opts.probe_steps,
-            lr=opts.lr,
-            gsv_lr=opts.gsv_lr,
-            progress=opts.progress,
-        )
+        found, agreement = _guilomo(opts, pristine, config, r_max, rows, int(pad or 0))
         # the evidence for more than the smallest candidate (top_k experts, rank 1)
         expert_w = [e - top_k for e in found.experts]
         rank_w = [r - 1 for r in found.ranks]
@@ -137,14 +163,18 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
             "gsv_ranks": found.ranks,
             "gsv_expected_experts": found.expected_experts,
             "gsv_expected_ranks": found.expected_ranks,
+            "gsv_modules": found.modules,
         }
+        if agreement is not None:
+            scores["seed_agreement"] = agreement
+        modules = module_shapes(found) if opts.granularity == "module" else None
         history = found.history
     else:
         found_r = redundancy.measure(
             model,
             cycle(train_batches, opts.seed),
             held_batches,
-            opts.probe_steps,
+            opts.probe_steps or 40,
             lr=opts.lr,
             progress=opts.progress,
         )
@@ -152,6 +182,7 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
         own_ranks = [r_max] * num_layers
         own_total = experts_at_rank(expert_w, opts.budget, costs, top_ks, r_max)
         scores = {"redundancy": found_r.redundancy, "normalised_entropy": found_r.entropy}
+        modules = None
         history = found_r.history
     probe_seconds = time.perf_counter() - start
     experts, ranks = fit_budget(
@@ -179,9 +210,11 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
         "model": opts.model,
         "data": opts.data or opts.task,
         "probe": {
-            "steps": opts.probe_steps,
+            "steps": len(history) // (opts.seeds if opts.strategy == "guilomo" else 1),
+            "epochs": opts.probe_epochs if opts.strategy == "guilomo" else None,
+            "seeds": opts.seeds if opts.strategy == "guilomo" else 1,
             "examples": len(examples),
-            "heldout": held,
+            "heldout": held if opts.strategy == "redundancy" else None,
             "max_experts": opts.max_experts,
             "max_rank": r_max,
             "lr": opts.lr,
@@ -192,6 +225,9 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
         },
         "scores": scores,
     }
+    if modules is not None:
+        result["modules"] = modules
+        result["module_experts"] = sum(m["num_experts"] for m in modules.values())
     write_allocation(opts.output, result)
     png = os.path.splitext(opts.output)[0] + ".png"
     title = f"{opts.strategy}, budget {opts.budget} {opts.by}: "
@@ -201,8 +237,75 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     return result
 
 
+def _guilomo(
+    opts: AllocateOptions, base: Any, config: Any, r_max: int, rows: list, pad: int
+) -> tuple[Any, dict[str, Any] | None]:
+    """GuiLoMo's search once per seed (``--seeds``): the read-offs averaged over the seeds, and
+    the seeds' agreement (``None`` for one seed)."""
+    from transformers import set_seed
+
+    runs = []
+    for i in range(opts.seeds):
+        seed = opts.seed + i
+        set_seed(seed)
+        model = probe_model(copy.deepcopy(base), config, opts.max_experts, r_max)
+        batches = collate_rows(rows, opts.batch_size, pad)
+        train, held, steps = guilomo.paired_batches(batches, opts.probe_epochs, seed)
+        if opts.probe_steps is not None:  # an explicit length replaces the epochs
+            train, held = cycle(batches, seed), cycle(batches, seed + 1)
+            steps = opts.probe_steps
+        found = guilomo.search(
+            model, train, held, steps, lr=opts.lr, gsv_lr=opts.gsv_lr,
+            estimator=opts.gsv_estimator, progress=opts.progress,
+        )  # fmt: skip
+        runs.append(found)
+    found = runs[0]
+    if len(runs) == 1:
+        return found, None
+    agreement = seed_agreement(
+        [r.experts for r in runs],
+        [r.ranks for r in runs],
+        [{n: float(m["experts"]) for n, m in r.modules.items()} for r in runs],
+    )
+    mean = lambda xs: [sum(v) / len(v) for v in zip(*xs, strict=True)]  # noqa: E731
+    found.experts = mean([r.experts for r in runs])
+    found.ranks = mean([r.ranks for r in runs])
+    found.expected_experts = mean([r.expected_experts for r in runs])
+    found.expected_ranks = mean([r.expected_ranks for r in runs])
+    found.history = [h for r in runs for h in r.history]
+    names = list(found.modules)
+    for name in names:  # each module: the seeds' mean count, each expert's mean rank
+        k = max(1, round(sum(float(r.modules[name]["experts"]) for r in runs) / len(runs)))
+        ranks = mean([r.all_ranks[name] for r in runs])
+        found.modules[name] = {"experts": k, "ranks": [max(1, round(q)) for q in ranks[:k]]}
+    return found, agreement
+
+
+def module_shapes(found: Any) -> dict[str, dict[str, Any]]:
+    """The per-module read-off as ``mola train --allocation`` reads it (``module_allocation``)."""
+    return {
+        name: {"num_experts": int(m["experts"]), "expert_ranks": [int(q) for q in m["ranks"]]}
+        for name, m in found.modules.items()
+    }
+
+
 def summary(result: dict[str, Any]) -> str:
-    """The one-line summary: total experts, trainable params, probe time, files."""
+    """The one-line summary: total experts, trainable params, probe time, files (and, with
+    ``--seeds``, how the seeds' shapes agree)."""
+    agreement = result.get("scores", {}).get("seed_agreement")
+    if agreement is not None:
+        return _summary(result) + "\n" + agreement_line(agreement)
+    return _summary(result)
+
+
+def _summary(result: dict[str, Any]) -> str:
+    if "modules" in result:
+        return (
+            f"mola allocate ({result['strategy']}, --granularity module): "
+            f"{result['module_experts']} experts in {len(result['modules'])} modules as read off "
+            f"(per-expert ranks; no budget), per-layer fallback {result['total_experts']} experts; "
+            f"probe {result['probe_seconds']:.0f}s -> {result['output']}, {result['png']}"
+        )
     return (
         f"mola allocate ({result['strategy']}, --by {result['by']} {result['budget']}): "
         f"{result['total_experts']} experts over {result['num_layers']} layers, "

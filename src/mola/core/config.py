@@ -6,14 +6,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from mola import __version__
 from mola.core.allocation import LayerSpec, allocate, check_spec
 from mola.core.patterns import PATTERN_KEYS, ModuleSpec, check_patterns, match, per_layer
 from mola.experts.base import StructureOptions
 from mola.experts.registry import STRUCTURES, check_structure
-from mola.routing import ROUTERS, build_router, router_class
+from mola.routing import REDUCTIONS, ROUTERS, build_router, router_class
 from mola.routing.scope import SCOPES
 from mola.utils.io import write_json
 
@@ -76,7 +76,7 @@ def check_top_k(
     else:
         return
     for e, k in pairs:
-        if k > e:
+        if k > e and e > 1:  # one expert is a plain LoRA: no router, top_k unused
             raise ValueError(
                 f"{names[1]}: {k} is more than the {e} experts of a layer ({names[0]} {experts}); "
                 f"lower {names[1]} or raise {names[0]}"
@@ -106,9 +106,19 @@ class MolaConfig:
         default=2, metadata={"help": "experts used per token (layer spec); cap for 'topp'"}
     )
     router: str = field(default="topk", metadata={"help": f"one of {', '.join(ROUTERS)}"})
-    top_p: float = field(default=0.5, metadata={"help": "cumulative probability for 'topp'"})
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "cumulative probability (topp, dynmole); None: the router's (0.5, 0.75)"},
+    )
     aux_loss_coef: float = field(default=0.001, metadata={"help": "load-balancing loss weight"})
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
+    aux_loss_reduction: str | None = field(
+        default=None,
+        metadata={
+            "help": "how auxiliary losses add up over modules and layers: "
+            f"{', '.join(REDUCTIONS)} (None: the router's own, its authors' choice)"
+        },
+    )
     # expert structures and per-module allocation (see mola.experts and mola.core.patterns)
     experts_structure: str = field(
         default="stacked", metadata={"help": f"expert structure: {', '.join(STRUCTURES)}"}
@@ -118,6 +128,13 @@ class MolaConfig:
         metadata={
             "help": "module-name regex -> overrides (num_experts, top_k, r, lora_alpha, "
             "router, experts_structure; each a layer spec); the first match wins"
+        },
+    )
+    module_allocation: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "per-module shapes (mola allocate --granularity module): qualified module "
+            "name -> {num_experts, expert_ranks}; replaces the layer's values there"
         },
     )
     a_dropout: float = field(
@@ -130,9 +147,19 @@ class MolaConfig:
             "(None: top_k / r, as the authors' code)"
         },
     )
-    balance_bias_rate: float = field(
-        default=0.001,
-        metadata={"help": "FlyLoRA/SMoRA: step of the loss-free balancing bias (0: off)"},
+    balance_bias_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "FlyLoRA/SMoRA: step of the loss-free balancing bias (0: off; None: the "
+            "authors', 1e-3 FlyLoRA, 1e-5 SMoRA)"
+        },
+    )
+    smora_gating: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "SMoRA: sigmoid (the authors' biased scores x k, alpha / k) or softmax "
+            "(loss-free balancing gates, alpha / r)"
+        },
     )
     # routers (issue 9): scope and the routers' own settings; each loss weight is <loss>_coef
     router_scope: str = field(
@@ -142,7 +169,13 @@ class MolaConfig:
     sparsity_loss_coef: float = field(
         default=0.0, metadata={"help": "ldmole: weight of the analytical sparsity loss"}
     )
-    ldmole_hidden: int = field(default=64, metadata={"help": "ldmole: width of the lambda MLP"})
+    ldmole_hidden: int | None = field(
+        default=None,
+        metadata={
+            "help": "ldmole: width of the lambda MLP (None: the authors' by model size, "
+            "128 below 1.5B parameters, 256 below 6B, else 512)"
+        },
+    )
     ldmole_share: bool = field(
         default=True, metadata={"help": "ldmole: one lambda MLP shared by all modules"}
     )
@@ -152,12 +185,14 @@ class MolaConfig:
     entropy_index: float = field(default=1.1, metadata={"help": "dynmole: Tsallis index q"})
     entropy_eps: float = field(default=1e-5, metadata={"help": "dynmole: entropy epsilon"})
     entropy_loss_coef: float = field(
-        default=0.0, metadata={"help": "dynmole: weight of the Tsallis entropy loss"}
+        default=0.01, metadata={"help": "dynmole: weight of the Tsallis entropy loss (authors')"}
     )
     max_threshold: float | None = field(
         default=None, metadata={"help": "adamole: threshold cap (default 1 / num_experts)"}
     )
-    l1_loss_coef: float = field(default=0.0, metadata={"help": "relu: weight of the L1 loss"})
+    l1_loss_coef: float = field(
+        default=1e-8, metadata={"help": "relu: start weight of the L1 loss (ReMoE's 1e-8)"}
+    )
     l1_loss_alpha: float = field(
         default=1.2, metadata={"help": "relu: ReMoE's per-step factor on l1_loss_coef (1: fixed)"}
     )
@@ -166,6 +201,8 @@ class MolaConfig:
     lbc_loss_coef: float = field(
         default=0.0, metadata={"help": "loramoe: weight of the localized balancing loss"}
     )
+
+    _loading: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -190,22 +227,28 @@ class MolaConfig:
             check_top_k(experts, check_spec(self.top_k, "top_k"), self.router)
         check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
         check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
-        check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        if self.top_p is not None:
+            check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         check_number("aux_loss_coef", self.aux_loss_coef, low=0.0)
         check_number("router_z_loss_coef", self.router_z_loss_coef, low=0.0)
         check_structure(self.experts_structure)
+        self._check_reduction()
         self.module_patterns = check_patterns(self.module_patterns)
+        self.module_allocation = check_module_allocation(self.module_allocation)
         if not 0.0 <= self.a_dropout < 1.0:
             raise ValueError(f"a_dropout: must be in [0, 1), got {self.a_dropout}")
         if self.fly_sparsity is not None and not 0.0 < self.fly_sparsity <= 1.0:
             raise ValueError(f"fly_sparsity: must be in (0, 1], got {self.fly_sparsity}")
-        if self.balance_bias_rate < 0:
+        if self.smora_gating not in ("sigmoid", "softmax"):
+            raise ValueError(f"smora_gating: 'sigmoid' or 'softmax', got {self.smora_gating!r}")
+        if self.balance_bias_rate is not None and self.balance_bias_rate < 0:
             raise ValueError(f"balance_bias_rate: must be >= 0, got {self.balance_bias_rate}")
         for name in ("sparsity_loss_coef", "entropy_loss_coef", "l1_loss_coef", "lbc_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.l1_loss_alpha >= 1.0:
             raise ValueError(f"l1_loss_alpha: must be >= 1 (1: fixed), got {self.l1_loss_alpha}")
+        self._check_adaptive_l1()
         if self.lbc_groups < 1 or not 0.0 <= self.lbc_delta < 1.0:
             raise ValueError("lbc_groups / lbc_delta: need lbc_groups >= 1 and 0 <= lbc_delta < 1")
         if self.router_scope not in SCOPES:
@@ -214,6 +257,44 @@ class MolaConfig:
                 f"choose from {', '.join(SCOPES)}"
             )
 
+    def _check_adaptive_l1(self) -> None:
+        """ReMoE's adaptive L1 must be able to act: a nonzero start and a target ``k``."""
+        routers = {self.router} | {
+            str(v.get("router")) for v in self.module_patterns.values() if v.get("router")
+        }
+        if "relu" not in routers or self.l1_loss_alpha == 1.0 or MolaConfig._loading:
+            return
+        if self.l1_loss_coef == 0:
+            raise ValueError(
+                f"l1_loss_coef: 0 never changes under ReMoE's adaptive update (0 x "
+                f"{self.l1_loss_alpha:g} = 0), so the L1 loss would never act; start at ReMoE's "
+                "1e-8, or set l1_loss_alpha: 1 to keep a fixed weight"
+            )
+        if self.top_k is None:
+            raise ValueError(
+                "top_k: ReMoE's adaptive L1 steers the sparsity towards 1 - top_k / num_experts "
+                "and has no target without top_k; give top_k (e.g. 1), or set l1_loss_alpha: 1 "
+                "to keep a fixed weight"
+            )
+
+    def _check_reduction(self) -> None:
+        value = self.aux_loss_reduction
+        if value is None:
+            return
+        if value not in REDUCTIONS:
+            raise ValueError(
+                f"aux_loss_reduction: unknown {value!r}; choose from {', '.join(REDUCTIONS)}"
+            )
+        if value == "mixtral" and (self.top_k is None or router_class(self.router).dynamic):
+            raise ValueError(
+                "aux_loss_reduction: 'mixtral' counts f_i per top-k slot and needs a fixed top_k "
+                f"router (topk, switch), not {self.router!r}"
+            )
+
+    def reduction(self, router: str) -> str:
+        """How the losses of routers named ``router`` aggregate (config, else the router's)."""
+        return self.aux_loss_reduction or router_class(router).aux_loss_reduction
+
     def router_options(self, router: str | None = None) -> dict[str, Any]:
         """The settings of ``router`` (default: the configured one; its ``option_names``)."""
         names = router_class(router or self.router).option_names
@@ -221,7 +302,9 @@ class MolaConfig:
 
     def structure_options(self, top_k: int | None) -> StructureOptions:
         """The expert structure's own settings for a module with this ``top_k``."""
-        return StructureOptions(top_k, self.a_dropout, self.fly_sparsity, self.balance_bias_rate)
+        return StructureOptions(
+            top_k, self.a_dropout, self.fly_sparsity, self.balance_bias_rate, self.smora_gating
+        )
 
     def loss_coef(self, loss: str) -> float:
         """The weight of auxiliary loss ``loss`` (the field ``<loss>_coef``; 0 if none)."""
@@ -243,6 +326,9 @@ class MolaConfig:
         else:
             top_k = list(allocate(self.top_k, num_layers, field="top_k"))
         for layer, (e, k) in enumerate(zip(experts, top_k, strict=True)):
+            if e == 1:  # a plain LoRA: no router to check
+                top_k[layer] = k and 1
+                continue
             try:
                 build_router(self.router, e, k, self.top_p, **self.router_options())
             except ValueError as err:
@@ -272,6 +358,15 @@ class MolaConfig:
                 values[key] = per_layer(spec, num_layers, key)[layer_idx]
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
+        if name in self.module_allocation:  # GuiLoMo's granularity: this module's own shape
+            own = self.module_allocation[name]
+            if values["experts_structure"] != "stacked":
+                raise ValueError(f"module_allocation: {name} is not a stacked-experts module")
+            ranks = tuple(own["expert_ranks"])
+            values["num_experts"], values["r"] = own["num_experts"], max(ranks)
+            if values["top_k"] is not None:
+                values["top_k"] = min(values["top_k"], own["num_experts"])
+            values["expert_ranks"] = ranks if len(set(ranks)) > 1 else None
         if values["num_experts"] == 1:  # a plain LoRA: no router to check
             values["top_k"] = values["top_k"] and 1
             return ModuleSpec(**values)
@@ -296,7 +391,11 @@ class MolaConfig:
         unknown = sorted(set(data) - known - META_KEYS)
         if unknown:
             raise ValueError(f"MolaConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        cls._loading = True  # a saved adapter: training-only settings are not checked again
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        finally:
+            cls._loading = False
 
     def save(self, path: str | os.PathLike[str]) -> None:
         write_json(path, self.to_dict())
@@ -317,6 +416,24 @@ class MolaConfig:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+def check_module_allocation(value: Any) -> dict[str, dict[str, Any]]:
+    """``module_allocation``: module name -> ``{num_experts: E, expert_ranks: [E ranks >= 1]}``."""
+    if not isinstance(value, dict):
+        raise ValueError("module_allocation: expected a mapping of module name -> shape")
+    out: dict[str, dict[str, Any]] = {}
+    for name, shape in value.items():
+        ranks = shape.get("expert_ranks") if isinstance(shape, dict) else None
+        num = shape.get("num_experts") if isinstance(shape, dict) else None
+        ok = isinstance(num, int) and num >= 1 and isinstance(ranks, (list, tuple))
+        if not ok or len(ranks) != num or not all(isinstance(q, int) and q >= 1 for q in ranks):
+            raise ValueError(
+                f"module_allocation[{name!r}]: needs num_experts (>= 1) and expert_ranks "
+                f"(one int >= 1 per expert), got {shape!r}"
+            )
+        out[str(name)] = {"num_experts": num, "expert_ranks": [int(q) for q in ranks]}
+    return out
 
 
 def _json_type(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from torch import nn
@@ -111,7 +112,9 @@ def inject(model: nn.Module, config: MolaConfig, store: RouterLogitsStore) -> di
                 router_options={**config.router_options(spec.router), "share": options["share"]},
                 shared=shared,
                 experts_structure=spec.experts_structure,
-                structure_options=config.structure_options(spec.top_k),
+                structure_options=dataclasses.replace(
+                    config.structure_options(spec.top_k), expert_ranks=spec.expert_ranks
+                ),
             )
             layer.layer_idx, layer.module_name, layer.store = idx, full, store
             setattr(parent, child, layer)

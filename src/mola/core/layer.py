@@ -27,6 +27,7 @@ through the same two calls: ``project(x, router.fused_weight(), dropout)`` and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,6 +125,7 @@ class MolaLinear(nn.Module):
         structure = check_structure(experts_structure)
         if structure_options is None:
             structure_options = StructureOptions(top_k=top_k)
+        structure_options = dataclasses.replace(structure_options, dropout=lora_dropout)
         self.shared = shared
         own: Router | None = None
         # a single expert (plain LoRA) and an implicit router (FlyLoRA) have no router at all
@@ -167,6 +169,7 @@ class MolaLinear(nn.Module):
         )  # fmt: skip
         if self.router is not None:
             self.router.reset_parameters()
+        self.scaling = self.experts.scaling  # SMoRA scales by alpha / k
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.disabled = False
         self.layer_idx: int | None = None

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from mola import __version__
+from mola.core.aux_losses import reduce_router_losses
 from mola.core.checkpoint import (
     adapter_state_dict,
     is_adapter_name,
@@ -27,8 +28,9 @@ from mola.core.collect import RouterLogitsStore
 from mola.core.config import MolaConfig
 from mola.core.injection import find_decoder_layers, inject
 from mola.core.layer import MolaLinear
-from mola.routing import Router, router_z_loss
+from mola.routing import Router
 from mola.routing.adaptive_l1 import AdaptiveL1
+from mola.routing.sparsegen import authors_hidden
 from mola.utils.distributed import is_distributed
 
 
@@ -38,8 +40,8 @@ class MolaModel(nn.Module):
     With ``labels``, ``output.loss`` is the LM loss plus each auxiliary router loss times its
     config weight ``<name>_coef``: ``aux_loss_coef * aux_loss + router_z_loss_coef *
     router_z_loss`` and the router's own losses (:attr:`loss_names`). The output also carries
-    ``lm_loss`` and every unweighted auxiliary loss, summed over decoder layers, under its name
-    (``aux_loss`` is the load-balancing loss).
+    ``lm_loss`` and every unweighted auxiliary loss, aggregated over modules and layers by
+    ``aux_loss_reduction``, under its name (``aux_loss`` is the load-balancing loss).
 
     Build one with :func:`get_mola_model` or :meth:`from_pretrained`.
     """
@@ -47,6 +49,7 @@ class MolaModel(nn.Module):
     def __init__(self, model: nn.Module, config: MolaConfig) -> None:
         super().__init__()
         self.base_model = model
+        config = _resolve_defaults(model, config)
         self.mola_config = config
         self.router_store = RouterLogitsStore()
         model.requires_grad_(False)
@@ -105,11 +108,16 @@ class MolaModel(nn.Module):
             return self.l1_schedule.coef
         return self.mola_config.loss_coef(name)
 
-    def _layer_groups(self, idx: int) -> list[tuple[Router, list]]:
+    def _layer_groups(self, idx: int) -> list[tuple[tuple, Router, list]]:
         """The routing records of decoder layer ``idx`` grouped by router kind and size: modules
-        with other settings (``module_patterns``) get their own balance loss per group."""
+        with other settings (``module_patterns``) get their own balance loss per group. A
+        block's shared routing counts once (one router, as in MixLoRA)."""
         groups: dict[tuple, tuple[Router, list]] = {}
+        seen: set[int] = set()
         for name, record in self.router_store.records.get(idx, []):
+            if id(record) in seen:  # a block's shared routing, recorded by each of its modules
+                continue
+            seen.add(id(record))
             try:
                 router = self.base_model.get_submodule(name).routing
             except AttributeError:  # a record not named after a module
@@ -117,7 +125,7 @@ class MolaModel(nn.Module):
             router = router or self._layer_routers[idx]
             key = (router.name, router.num_experts, router.top_k, router.top_p)
             groups.setdefault(key, (router, []))[1].append(record)
-        return list(groups.values())
+        return [(key, router, records) for key, (router, records) in groups.items()]
 
     @property
     def loss_names(self) -> list[str]:
@@ -155,7 +163,9 @@ class MolaModel(nn.Module):
         finally:
             store.enabled = capturing
         if labels is not None:
-            context = {"group": group} if group is not None else None
+            context: dict[str, Any] = {"batch_size": _batch_size(args, kwargs)}
+            if group is not None:
+                context["group"] = group
             losses = self.router_losses(kwargs.get("attention_mask"), context)
             if not capturing:
                 store.clear()
@@ -192,32 +202,37 @@ class MolaModel(nn.Module):
     global_router_losses: bool = True
 
     def router_losses(
-        self, attention_mask: Tensor | None = None, context: dict[str, Tensor] | None = None
+        self, attention_mask: Tensor | None = None, context: dict[str, Any] | None = None
     ) -> dict[str, Tensor]:
-        """Unweighted auxiliary losses by name, each summed over layers, from the collected
-        routing: ``aux_loss`` (load balancing), ``router_z_loss`` and the router's own.
+        """Unweighted auxiliary losses by name from the collected routing: ``aux_loss`` (load
+        balancing), ``router_z_loss`` and the router's own, each aggregated over modules and
+        layers by ``aux_loss_reduction`` (:mod:`mola.core.aux_losses`; MoLA: per decoder layer,
+        summed over layers).
 
         In training mode with several processes (``torch.distributed``), every loss (load
         balancing, z-loss and the routers' own) is computed over the global batch: a few
         all-reduces per layer, so every process must run the same forward.
         """
-        zero = torch.zeros((), device=self._device())
-        losses = dict.fromkeys(self.loss_names, zero)
         sync = self.global_router_losses and self.training and is_distributed()
         schedule = self.l1_schedule if self.training and torch.is_grad_enabled() else None
-        for idx in self._layer_routers:
-            for router, records in self._layer_groups(idx):
-                if schedule is not None and router.name == "relu" and router.top_k is not None:
-                    schedule.observe(idx, records, router.num_experts, router.top_k, attention_mask)
-                found = router.layer_losses(records, attention_mask, context, global_batch=sync)
-                for name, value in found.items():
-                    losses[name] = losses[name] + value
-                if self.mola_config.router_z_loss_coef > 0:
-                    logits = [r.logits for r in records]
-                    losses["router_z_loss"] = losses["router_z_loss"] + router_z_loss(
-                        logits, attention_mask, sync
-                    )
-        return losses
+        layers = {idx: self._layer_groups(idx) for idx in self._layer_routers}
+        if schedule is not None:
+            for idx, groups in layers.items():
+                for _, router, records in groups:
+                    if router.name == "relu" and router.top_k is not None:
+                        schedule.observe(
+                            idx, records, router.num_experts, router.top_k, attention_mask
+                        )
+        return reduce_router_losses(
+            layers,
+            lambda router: self.mola_config.reduction(router.name),
+            self.loss_names,
+            self._device(),
+            attention_mask=attention_mask,
+            context=context,
+            global_batch=sync,
+            z_loss=self.mola_config.router_z_loss_coef > 0,
+        )
 
     @contextmanager
     def capture_router_logits(self) -> Iterator[RouterLogitsStore]:
@@ -335,6 +350,24 @@ class MolaModel(nn.Module):
             for name, param in model.named_parameters():
                 param.requires_grad_(is_adapter_name(name))
         return model
+
+
+def _resolve_defaults(model: nn.Module, config: MolaConfig) -> MolaConfig:
+    """``config`` with the settings that depend on the base model filled in: LD-MoLE's lambda
+    MLP width (``ldmole_hidden``) as the authors' configs set it for a model of this size."""
+    routers = {config.router} | {str(v.get("router")) for v in config.module_patterns.values()}
+    if config.ldmole_hidden is None and "ldmole" in routers:
+        size = sum(p.numel() for p in model.parameters())
+        config = dataclasses.replace(config, ldmole_hidden=authors_hidden(size))
+    return config
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
+    """The number of examples of a forward's input (1 if it cannot tell)."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
+        if isinstance(value, Tensor) and value.dim() >= 2:
+            return int(value.shape[0])
+    return 1
 
 
 @functools.cache

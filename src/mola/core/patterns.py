@@ -42,6 +42,7 @@ class ModuleSpec:
     lora_alpha: float
     router: str
     experts_structure: str
+    expert_ranks: tuple[int, ...] | None = None  # per expert (module_allocation), <= r
 
 
 def check_patterns(patterns: Any) -> dict[str, dict[str, Any]]:

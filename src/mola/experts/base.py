@@ -34,7 +34,10 @@ class StructureOptions:
     top_k: int | None = None
     a_dropout: float = 0.0
     fly_sparsity: float | None = None
-    balance_bias_rate: float = 0.001
+    balance_bias_rate: float | None = None  # None: the structure's authors' step
+    smora_gating: str = "sigmoid"
+    dropout: float = 0.0  # the layer's LoRA dropout (CoMoL also drops its merged core)
+    expert_ranks: tuple[int, ...] | None = None  # stacked: each expert's own rank (<= r)
 
 
 class Experts(nn.Module):
@@ -73,6 +76,7 @@ class Experts(nn.Module):
             raise ValueError(f"num_experts: must be >= 1, got {num_experts}")
         self.in_features, self.out_features = d_in, d_out
         self.num_experts, self.r = num_experts, r
+        self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
         self.options = options or StructureOptions()
         self.factory = {"device": device, "dtype": dtype}

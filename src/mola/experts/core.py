@@ -3,26 +3,34 @@ Merging", arXiv 2603.00573, v1).
 
 A shared LoRA ``lora_A (r, d_in)``, ``lora_B (d_out, r)`` and ``E`` small core matrices
 ``lora_C (E, r, r)``; the router reads the low-rank projection ``h = A x`` (``W_r (E, r)``, the
-paper's router "projected into the same low-rank space"), and the selected cores are soft-merged
-per token into one core::
+paper's router "projected into the same low-rank space"), and the cores are soft-merged per
+token into one core. As the authors' code, DCDmllm/CoMoL ``CoMoL/src/mocorelora/layer.py``
+(``LinearMoCoreLoraLayer.forward`` with ``core_router=True``)::
 
-    h = A x;   g = route(W_r h);   y = W x + (alpha / r) B (sum_e g_e C_e) h
+    h = A drop(x);   g = softmax(W_r h);   C(x) = sum_e g_e C_e
+    y = W x + (alpha / r) B drop(drop(C(x)) h)
 
-Fast path: the outer product ``g ⊗ h`` (``N x E*r``) times ``[C_1 ... C_E]`` (``r x E*r``) is
-``C(x) h``; then one matmul with ``B``. Nothing of size ``d`` is formed per expert.
+with every core merged (the ``soft`` router; another router, e.g. ``topk``, merges only the
+cores it selects, a mola variant) and the same dropout at three places in training: on ``x``,
+on the entries of the merged core and on ``C(x) h``. ``A`` kaiming-uniform, ``B = 0`` and every
+core kaiming-uniform (``nn.init.kaiming_uniform_(core, a=sqrt 5)``) as theirs. mola's
+``lora_C[e]`` is the transpose of their core (they compute ``h^T C``): the same function class
+and the same initial distribution.
 
-Open choices (no public code found): ``A`` kaiming-uniform and ``B = 0`` as in LoRA (so a
-fresh model equals its base model); every core initialised like ``nn.Linear(r, r)``
-(kaiming-uniform) so the experts start distinct; which cores are active is the configured router's
-choice (``topk`` by default; ``soft`` merges all of them).
+Fast path (no core dropout: evaluation, or dropout 0): the outer product ``g ⊗ h``
+(``N x E*r``) times ``[C_1 ... C_E]`` (``r x E*r``) is ``C(x) h``; then one matmul with ``B``.
+Nothing of size ``d`` is formed per expert. With the core dropout (training) the merged core is
+formed per token (``N x r x r``), as in the authors' code.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.experts.base import Experts, kaiming_
+from mola.experts.fastpath import add_projection
 
 
 class CoreSpaceExperts(Experts):
@@ -57,6 +65,18 @@ class CoreSpaceExperts(Experts):
 
     def up_weight(self) -> Tensor:
         return self.lora_B
+
+    def mix(self, result: Tensor, h: Tensor, gates: Tensor | None) -> Tensor:
+        """The authors' training forward with dropout on the merged core and on ``C(x) h``;
+        otherwise (evaluation, dropout 0) the fast path."""
+        p = self.options.dropout
+        if not (self.training and p > 0) or gates is None:
+            return super().mix(result, h, gates)
+        merged = torch.einsum("ne,eij->nij", gates.to(self.lora_C.dtype), self.lora_C)
+        merged = F.dropout(merged, p, training=True)
+        z = torch.einsum("nij,nj->ni", merged, h.to(merged.dtype))
+        z = F.dropout(z, p, training=True) * self.scaling
+        return add_projection(result, z.to(self.lora_B.dtype), self.lora_B)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         b_eff = torch.einsum("or,erj->eoj", self.lora_B, self.lora_C)

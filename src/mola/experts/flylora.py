@@ -5,13 +5,15 @@ the experts, with no router parameters: ``A x`` itself routes (the implicit rout
 
     h = A x;   S = top_k(|h| + d);   y = W x + (alpha / R) B (1_S ⊙ h)
 
-* ``lora_A (R, d_in)``: a buffer, never trained. Each row has ``p = max(1, int(d_in * rho))``
-  nonzero entries at random columns, drawn from ``N(0, 1/R^2)``; ``rho = fly_sparsity``,
-  by default ``top_k / R`` as the authors' code (``p = d_in // (R // k)`` there).
+* ``lora_A (R, d_in)``: a buffer, never trained. Each row has ``p`` nonzero entries at random
+  columns, drawn from ``N(0, 1/R^2)``: by default ``p = d_in // (R // k)`` as the authors' code
+  (``flylora.py``; it differs from ``d_in * k / R`` when ``k`` does not divide ``R``), or
+  ``max(1, int(d_in * fly_sparsity))`` when ``fly_sparsity`` is set.
 * ``lora_B (d_out, R)``: zero-initialised, the only trained tensor.
 * ``d (R,)`` (``lora_balance_bias``, a buffer): after every training forward
   ``d_i += u * sign(mean_j c_j - c_i)``, ``c_i`` the tokens that picked rank ``i``; ``u =
-  balance_bias_rate`` (0.001 in the authors' MMLU script).
+  balance_bias_rate`` (0.001 in the authors' MMLU script); once per forward also under
+  activation checkpointing (:class:`~mola.experts.rankwise.BalanceBias`).
 
 Choices the paper leaves open: the authors' minimal ``flylora.py`` ranks ``|h + d|`` while
 their PEFT fork ranks ``h + d`` (no magnitude); mola ranks ``|h| + d`` (the magnitude of the
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mola.experts.rankwise import RankWiseExperts, top_mask, update_balance_bias
+from mola.experts.rankwise import RankWiseExperts, top_mask
 
 
 class FlyLoRAExperts(RankWiseExperts):
@@ -33,14 +35,18 @@ class FlyLoRAExperts(RankWiseExperts):
 
     structure = "flylora"
     learned_router = False
+    rank_experts_gated = False
+    default_bias_rate = 1e-3  # the authors' run_mmlu.sh
 
     def __init__(self, d_in: int, d_out: int, num_experts: int, r: int, lora_alpha: float,
                  options=None, **factory) -> None:  # fmt: skip
         super().__init__(d_in, d_out, num_experts, r, lora_alpha, options, **factory)
         if self.top_k is None or not 1 <= self.top_k <= r:
             raise ValueError(f"top_k: FlyLoRA activates top_k of r={r} ranks; got {self.top_k}")
-        rho = self.options.fly_sparsity or self.top_k / r
-        self.nonzeros = max(1, int(d_in * rho))
+        if self.options.fly_sparsity is None:  # the authors' d // (r // k)
+            self.nonzeros = max(1, d_in // max(1, r // self.top_k))
+        else:
+            self.nonzeros = max(1, int(d_in * self.options.fly_sparsity))
         frozen = self.lora_A.detach()
         del self.lora_A
         self.register_buffer("lora_A", frozen)
@@ -61,9 +67,8 @@ class FlyLoRAExperts(RankWiseExperts):
 
     def implicit_gates(self, h: Tensor) -> Tensor:
         """``1`` for the ``top_k`` ranks of ``|h| + d`` per token, else ``0``."""
-        mask = top_mask(h.detach().float().abs() + self.lora_balance_bias, self.top_k)
-        if self.training and self.bias_rate > 0:
-            update_balance_bias(self.lora_balance_bias, mask, self.bias_rate)
+        mask = top_mask(h.detach().float().abs() + self.balance_bias(), self.top_k)
+        self.record_balance(mask, self.bias_rate)
         return mask.to(h.dtype)
 
     def extra_repr(self) -> str:

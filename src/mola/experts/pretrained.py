@@ -12,7 +12,11 @@ router's gate 1 on expert ``i`` a module computes exactly adapter ``i``'s update
 * targets may differ: where an adapter has no LoRA, its expert is zero there.
 
 PEFT variants whose update is not ``scaling * B A x`` (DoRA, a bias on ``B``, embedding or
-convolution LoRAs, ``modules_to_save``) are refused with a message naming the adapter.
+convolution LoRAs, ``modules_to_save``, activated LoRA (aLoRA: ``alora_invocation_tokens``, whose
+update only acts after its invocation tokens)) and LoRAs outside the decoder layers (``lm_head``)
+are refused with a message naming the adapter, before any model is loaded. The weights may be
+``adapter_model.safetensors`` or the older ``adapter_model.bin``; a directory that holds PEFT's
+named sub-adapters (``DIR/<name>/adapter_config.json``) is answered with their paths.
 """
 
 from __future__ import annotations
@@ -57,10 +61,22 @@ def read_peft_lora(directory: str) -> PeftLora:
         ValueError: a file is missing, it is not a plain LoRA, or its tensors do not pair up.
     """
     cfg_path = os.path.join(directory, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        named = _named_adapters(directory)
+        if named:
+            raise ValueError(
+                f"--adapters: {directory} holds PEFT's named adapters {', '.join(named)} in "
+                f"sub-directories; give each as its own directory, e.g. "
+                f"{os.path.join(directory, named[0])}"
+            )
+        raise ValueError(f"--adapters: {cfg_path} not found; give PEFT LoRA adapter directories")
     weights = os.path.join(directory, "adapter_model.safetensors")
-    for path in (cfg_path, weights):
-        if not os.path.isfile(path):
-            raise ValueError(f"--adapters: {path} not found; give PEFT LoRA adapter directories")
+    legacy = os.path.join(directory, "adapter_model.bin")
+    if not os.path.isfile(weights) and not os.path.isfile(legacy):
+        raise ValueError(
+            f"--adapters: {weights} not found (nor adapter_model.bin); give PEFT LoRA adapter "
+            f"directories"
+        )
     try:
         with open(cfg_path, encoding="utf-8") as fh:
             cfg = json.load(fh)
@@ -75,7 +91,21 @@ def read_peft_lora(directory: str) -> PeftLora:
             raise ValueError(f"--adapters: {directory} uses {what}; only plain LoRA composes")
     if cfg.get("modules_to_save"):
         raise ValueError(f"--adapters: {directory} also saves full modules (modules_to_save)")
-    tensors = load_file(weights)
+    if cfg.get("alora_invocation_tokens"):
+        raise ValueError(
+            f"--adapters: {directory} is an activated LoRA (aLoRA: alora_invocation_tokens), "
+            f"whose update acts only after its invocation tokens; only plain LoRA composes"
+        )
+    tensors = load_file(weights) if os.path.isfile(weights) else _load_bin(legacy)
+    for key in tensors:  # first: LoRAs outside the decoder layers (lm_head), named as such
+        module = re.split(r"\.(?:lora_[A-Za-z_]+|base_layer)\b", key)[0].removeprefix(PEFT_PREFIX)
+        if module != key.removeprefix(PEFT_PREFIX) and not any(
+            part.isdigit() for part in module.split(".")
+        ):
+            raise ValueError(
+                f"--adapters: {directory} has a LoRA on {module}, outside the decoder layers; "
+                f"mola adapts the decoder layers' linear modules only"
+            )
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         found = re.fullmatch(r"(.*)\.(lora_A|lora_B)\.weight", key)
@@ -96,6 +126,28 @@ def read_peft_lora(directory: str) -> PeftLora:
     if not adapter.modules:
         raise ValueError(f"--adapters: {directory} holds no LoRA weights")
     return adapter
+
+
+def _named_adapters(directory: str) -> list[str]:
+    """The sub-directories of ``directory`` that are PEFT adapters (named adapters), sorted."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        entry
+        for entry in os.listdir(directory)
+        if os.path.isfile(os.path.join(directory, entry, "adapter_config.json"))
+    )
+
+
+def _load_bin(path: str) -> dict[str, Tensor]:
+    """PEFT's older ``adapter_model.bin`` (a pickled state dict, read with tensors only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unreadable file: one message)
+        raise ValueError(f"--adapters: {path} cannot be read as a state dict ({err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"--adapters: {path} does not hold a dict of tensors")
+    return state
 
 
 def target_names(adapters: list[PeftLora]) -> list[str]:

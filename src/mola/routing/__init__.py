@@ -20,11 +20,12 @@ from mola.routing import simple  # noqa: F401
 from mola.routing import sparsegen, dynmole, adamole, relu, loramoe  # noqa: F401
 
 # isort: on
-from mola.routing.base import Router, Routing
+from mola.routing.base import REDUCTIONS, Router, Routing
 from mola.routing.losses import load_balancing_loss, router_z_loss
 from mola.routing.registry import ROUTERS, build_router, router_class
 
 __all__ = [
+    "REDUCTIONS",
     "ROUTERS",
     "Router",
     "Routing",

@@ -17,14 +17,12 @@ probabilities, negative where unused, as in their code).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mola.routing.base import Router, Routing, renormalise
-from mola.routing.losses import share_balance_loss
 from mola.routing.registry import register
 
 
@@ -37,6 +35,7 @@ class AdaMoLERouter(Router):
     paper = "Liu & Luo, AdaMoLE, COLM 2024, arXiv 2405.00361"
     dynamic = True
     option_names = ("max_threshold",)
+    aux_loss_reduction = "module_sum"  # get_aux_loss: sum of every module's layer_loss
 
     def build(self, in_features: int, **kw: Any) -> None:
         self.threshold_weight = nn.Parameter(torch.empty(1, in_features, **kw))
@@ -70,16 +69,6 @@ class AdaMoLERouter(Router):
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("adamole routes with gate(): its threshold depends on x")
 
-    def layer_losses(
-        self,
-        records: Sequence[Routing],
-        attention_mask: Tensor | None = None,
-        context: Mapping[str, Tensor] | None = None,
-        global_batch: bool = False,
-    ) -> dict[str, Tensor]:
-        masks = [r.mask for r in records]
-        shifted = [r.extras["shifted"] for r in records]
-        loss = share_balance_loss(
-            masks, shifted, attention_mask, normalise=False, global_batch=global_batch
-        )
-        return {"aux_loss": loss}
+    def balance_terms(self, record: Routing) -> tuple[Tensor, Tensor]:
+        """The tokens using each expert and the shifted probabilities ``p - tau``."""
+        return record.mask, record.extras["shifted"]

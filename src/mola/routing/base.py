@@ -16,9 +16,12 @@ linear part with the experts' ``A`` projection into one matmul:
 without ``in_features`` has no parameters; it still routes logits (:meth:`Router.route`) and
 computes losses, which is what the losses, the analysis and the shared (block-level) scope use.
 
-Per decoder layer, :meth:`Router.layer_losses` returns the router's auxiliary losses by name
-(``aux_loss`` = MoLA's load-balancing loss for every router, others per family). The model sums
-each over the layers and weights it by the config key ``<name>_coef``.
+:meth:`Router.layer_losses` returns the router's auxiliary losses by name for a set of routing
+records (``aux_loss`` = MoLA's load-balancing loss for every router, others per family). Which
+records form one set, and how the sets add up, is the reduction (:data:`REDUCTIONS`, the config
+key ``aux_loss_reduction``; default: the router's ``aux_loss_reduction``, its authors' choice):
+per decoder layer summed over layers (MoLA), per module summed or averaged, or once over all
+layers. The model weights each loss by the config key ``<name>_coef``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mola.routing.losses import load_balancing_loss
+from mola.routing.losses import load_balancing_loss, share_balance_loss
+
+REDUCTIONS: dict[str, str] = {
+    "layer": "one loss per decoder layer on the stacked rows of its modules, summed over layers "
+    "(MoLA)",
+    "module_sum": "one loss per adapted module, summed over all modules (AdaMoLE, LoRAMoE)",
+    "module_mean": "one loss per adapted module, averaged over all modules (LD-MoLE)",
+    "global": "one loss over the rows of every layer's modules concatenated (DynMoLE)",
+    "mixtral": "one loss over all layers concatenated with f_i counted per top-k slot "
+    "(sum_i f_i = k): Mixtral's load_balancing_loss_func (MixLoRA in MoE-PEFT)",
+}
+"""How the auxiliary losses aggregate over modules and layers (``aux_loss_reduction``)."""
 
 
 class Routing:
@@ -141,6 +155,8 @@ class Router(nn.Module):
     option_names: ClassVar[tuple[str, ...]] = ()
     loss_names: ClassVar[tuple[str, ...]] = ("aux_loss",)
     dynamic: ClassVar[bool] = False  # a per-token number of experts
+    aux_loss_reduction: ClassVar[str] = "layer"  # the default of its authors (REDUCTIONS)
+    default_top_p: ClassVar[float | None] = None  # top_p when none is given
     bias = None  # like nn.Linear(d_in, E, bias=False)
 
     def __init__(
@@ -157,7 +173,7 @@ class Router(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.top_p = top_p
+        self.top_p = self.default_top_p if top_p is None else top_p
         self.in_features = in_features
         unknown = sorted(set(options) - set(self.option_names))
         if unknown:
@@ -212,25 +228,55 @@ class Router(nn.Module):
         self,
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
-        context: Mapping[str, Tensor] | None = None,
+        context: Mapping[str, Any] | None = None,
         global_batch: bool = False,
     ) -> dict[str, Tensor]:
-        """This router's unweighted auxiliary losses for one decoder layer, by name.
+        """This router's unweighted auxiliary losses for one set of records, by name.
 
         Args:
-            records: the routing of each of the layer's adapted modules in this forward.
+            records: the routing of the set's adapted modules in this forward (a decoder
+                layer's, one module's or every layer's, by the reduction).
             attention_mask: ``(B, T)``; padding rows are left out.
-            context: batch-level tensors (``group``: each example's type, for LoRAMoE).
+            context: batch-level values (``group``: each example's type, for LoRAMoE;
+                ``batch_size``).
             global_batch: take the statistics over all processes (data parallelism): every
                 router's losses are then those of the global batch, with gradients scaled so
                 that N processes step like one holding the whole batch (see
                 :func:`mola.utils.distributed.global_sums`).
         """
-        logits = [r.logits for r in records]
-        masks = [r.mask for r in records]
-        return {
-            "aux_loss": load_balancing_loss(logits, self, attention_mask, global_batch, masks=masks)
-        }
+        return {"aux_loss": self.balance_loss(records, attention_mask, global_batch)}
+
+    #: ``E * sum_i f_i P_i`` from :meth:`balance_terms` (routers that define it): ``f_i``
+    #: normalised to sum 1 (``balance_normalise``) or a mean per row; assignments counted as
+    #: ``!= 0`` (``balance_count``) or summed as they are (see :func:`share_balance_loss`).
+    balance_normalise: ClassVar[bool] = False
+    balance_count: ClassVar[bool] = True
+
+    def balance_terms(self, record: Routing) -> tuple[Tensor, Tensor] | None:
+        """``(assignments, probabilities)`` ``(N, E)`` of one record for the balance loss, or
+        ``None`` for MoLA's :func:`load_balancing_loss` on the logits and selection."""
+        return None
+
+    def balance_loss(
+        self,
+        records: Sequence[Routing],
+        attention_mask: Tensor | None = None,
+        global_batch: bool = False,
+    ) -> Tensor:
+        """The balance loss (``aux_loss``) of ``records``: MoLA's, or the router's own terms."""
+        terms = [self.balance_terms(r) for r in records]
+        if any(t is None for t in terms):
+            logits = [r.logits for r in records]
+            masks = [r.mask for r in records]
+            return load_balancing_loss(logits, self, attention_mask, global_batch, masks=masks)
+        return share_balance_loss(
+            [t[0] for t in terms],  # type: ignore[index]
+            [t[1] for t in terms],  # type: ignore[index]
+            attention_mask,
+            normalise=self.balance_normalise,
+            count=self.balance_count,
+            global_batch=global_batch,
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.name}, num_experts={self.num_experts}"

@@ -23,12 +23,13 @@ pushes the router to be confident. With one expert the entropy is 0.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mola.routing.base import Router, Routing, keep
-from mola.routing.losses import masked_mean, share_balance_loss
+from mola.routing.losses import masked_mean
 from mola.routing.registry import register
 
 
@@ -54,6 +55,8 @@ class DynMoLERouter(Router):
     dynamic = True
     option_names = ("entropy_threshold", "entropy_index", "entropy_eps")
     loss_names = ("aux_loss", "entropy_loss")
+    default_top_p = 0.75  # DynMoleConfig: config.get("top_p", 0.75)
+    aux_loss_reduction = "global"  # one loss over every layer's router logits concatenated
 
     def _settings(self) -> tuple[float, float, float]:
         o = self.options
@@ -79,24 +82,21 @@ class DynMoLERouter(Router):
         _, q, eps = self._settings()
         return Routing(logits, gates, mask, {"entropy": tsallis_entropy(probs, q, eps)})
 
+    balance_count = False  # f_i: the mean gate of expert i
+
+    def balance_terms(self, record: Routing) -> tuple[Tensor, Tensor]:
+        """The gates (``f_i`` their mean) and the probabilities (``P_i``)."""
+        return record.gates, torch.softmax(record.logits.float(), dim=-1)
+
     def layer_losses(
         self,
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
-        context: Mapping[str, Tensor] | None = None,
+        context: Mapping[str, Any] | None = None,
         global_batch: bool = False,
     ) -> dict[str, Tensor]:
-        gates = [r.gates for r in records]
-        probs = [torch.softmax(r.logits.float(), dim=-1) for r in records]
         entropy = torch.cat([r.extras["entropy"] for r in records])
         return {
-            "aux_loss": share_balance_loss(
-                gates,
-                probs,
-                attention_mask,
-                normalise=False,
-                count=False,
-                global_batch=global_batch,
-            ),
+            "aux_loss": self.balance_loss(records, attention_mask, global_batch),
             "entropy_loss": masked_mean(entropy, attention_mask, len(records), global_batch),
         }

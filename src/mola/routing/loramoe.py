@@ -1,30 +1,41 @@
 """LoRAMoE: soft routing with the localized balancing constraint (Dou et al. 2024).
 
 "LoRAMoE: Alleviate World Knowledge Forgetting in Large Language Models via MoE-Style Plugin",
-ACL 2024, arXiv 2312.09979 (v4 followed).
+ACL 2024, arXiv 2312.09979 (v4 followed); the authors' code Ablustrund/LoRAMoE
+(``peft/tuners/lora.py``: ``Linear.forward`` and ``cv_squared``; the per-module losses are added
+up over modules in ``transformers/models/llama/modeling_llama.py``).
 
-Every expert is used, weighted by ``p = softmax(W x)`` (as the ``soft`` router). The experts are
-split into ``lbc_groups`` contiguous groups (``numpy.array_split`` sizes) and each training
-example may carry a type ``group`` in ``0..lbc_groups-1`` (the optional ``group`` field of the
-user's data; examples without one are neutral). For one module, with ``Q_{n,e}`` the summed
-gate of expert ``e`` over the tokens of example ``n`` (padding excluded) and the coefficient
-``I_{n,e} = 1 + delta`` when expert ``e`` belongs to the example's group, ``1 - delta`` when it
-does not (``1`` for an example without a type), the loss is ``Var(Z) / Mean(Z)`` over all the
-entries of ``Z = I * Q`` (population variance). ``lbc_loss`` averages it over the layer's
-modules; its weight is ``lbc_loss_coef``, ``delta`` is ``lbc_delta`` (0.1 in the paper).
-Without types it reduces to balancing the experts' importance across examples and experts.
-The loss is per batch, not per example: ``Z`` has a row per example and the variance runs over
-all its entries. Under data parallelism (``global_batch``) ``Z`` is the matrix of the *global*
-batch, every process's examples stacked (the sums of ``Z`` and ``Z^2`` all-reduced), so
-N processes with batch b compute the loss one process computes with batch N*b; the
-coefficients ``I`` still come from each example's own type.
-The softmax load-balancing loss (``aux_loss``) is kept with its usual weight (the ``loramoe``
-preset sets it to 0, as the paper uses only the constraint).
+Every expert is used, weighted by ``p = softmax(W x)`` (as the ``soft`` router). Each training
+example may carry a type ``group`` (the optional ``group`` field of the user's data). For one
+module, ``Q_{n,e}`` is the summed gate of expert ``e`` over the tokens of example ``n`` and
+``I_{n,e}`` is ``1 + delta`` when expert ``e`` serves the example's type, else ``1 - delta``;
+the loss is the authors' ``cv_squared``: ``Var(Z) / (Mean(Z)^2 + 1e-10)`` over all entries of
+``Z = I * Q`` with the unbiased (``n - 1``) variance, i.e. the squared coefficient of variation
+(scale-invariant). ``lbc_loss`` is that loss per module, summed over modules
+(``aux_loss_reduction: module_sum``, the authors' aggregation); its weight is
+``lbc_loss_coef``, ``delta`` is ``lbc_delta`` (the authors' ``blc_weight``/``blc_alpha``).
+
+Which experts serve which type follows the authors' code: with ``lbc_groups`` 2 (theirs) type 1
+is served by the first half of the experts and type 0 by the second half
+(``concat((type==1).repeat(E//2), (type==0).repeat(E//2))``); a type outside the groups gets
+``1 - delta`` on every expert, as in their code. In general the experts are split into
+``lbc_groups`` contiguous groups (``numpy.array_split`` sizes) and type ``t`` is served by group
+``G - 1 - t``. mola's additions: an example without a type (``-1``, what the data collator
+writes when the field is missing) gets ``I = 1`` (neutral), and padding tokens are left out of
+``Q`` (the authors sum every position). Without an attention mask each example is one row of
+``Z`` (the model passes the batch size in the loss context).
+
+Under data parallelism (``global_batch``) ``Z`` is the matrix of the *global* batch, every
+process's examples stacked (the sums of ``Z`` and ``Z^2`` all-reduced), so N processes with
+batch b compute the loss one process computes with batch N*b; the coefficients ``I`` still come
+from each example's own type. The softmax load-balancing loss (``aux_loss``) is kept with its
+usual weight (the ``loramoe`` preset sets it to 0, as the paper uses only the constraint).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,16 +68,17 @@ def importance(
     q = g.sum(dim=1)  # (B, E)
     coef = torch.ones_like(q)
     if group is not None:
-        owner = expert_groups(e, groups).to(q.device)
+        serves = (groups - 1 - expert_groups(e, groups)).to(q.device)  # the type each serves
         group = group.reshape(-1).to(q.device)
-        match = group[:, None] == owner[None, :]
+        match = group[:, None] == serves[None, :]
         typed = (group >= 0)[:, None]
         coef = torch.where(typed, torch.where(match, 1.0 + delta, 1.0 - delta), coef)
     return coef * q
 
 
-def variance_over_mean(z: Sequence[Tensor], global_batch: bool = False) -> Tensor:
-    """``Var(Z) / Mean(Z)`` (population variance) of each module's ``Z``, averaged over modules.
+def cv_squared(z: Sequence[Tensor], global_batch: bool = False) -> Tensor:
+    """The authors' ``cv_squared`` of each module's ``Z``: ``Var(Z) / (Mean(Z)^2 + 1e-10)``
+    with the unbiased variance (0 for a single entry), one value per module ``(M,)``.
 
     Computed from the sums of ``Z`` and ``Z^2`` in fp64 (the variance of nearly equal entries
     is a small difference of large sums); ``global_batch``: those sums and the entry count are
@@ -78,8 +90,10 @@ def variance_over_mean(z: Sequence[Tensor], global_batch: bool = False) -> Tenso
     if global_batch:
         sums, count = global_sums(sums, count)
     mean = sums[:, 0] / count
-    var = (sums[:, 1] / count - mean.square()).clamp_min(0.0)
-    return (var / mean.clamp_min(1e-9)).mean().float()
+    if float(count) <= 1:
+        return torch.zeros_like(mean).float()
+    var = ((sums[:, 1] - count * mean.square()) / (count - 1)).clamp_min(0.0)
+    return (var / (mean.square() + 1e-10)).float()
 
 
 def localized_balance_loss(
@@ -90,8 +104,8 @@ def localized_balance_loss(
     groups: int,
     delta: float,
 ) -> Tensor:
-    """``Var(I * Q) / Mean(I * Q)`` of one module (see the module docstring)."""
-    return variance_over_mean([importance(gates, batch, group, attention_mask, groups, delta)])
+    """The authors' ``cv_squared(I * Q)`` of one module (see the module docstring)."""
+    return cv_squared([importance(gates, batch, group, attention_mask, groups, delta)])[0]
 
 
 @register
@@ -103,22 +117,25 @@ class LoRAMoERouter(SoftRouter):
     paper = "Dou et al., LoRAMoE, ACL 2024, arXiv 2312.09979"
     option_names = ("lbc_groups", "lbc_delta")
     loss_names = ("aux_loss", "lbc_loss")
+    aux_loss_reduction = "module_sum"  # each module returns its blcls; the model adds them
 
     def layer_losses(
         self,
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
-        context: Mapping[str, Tensor] | None = None,
+        context: Mapping[str, Any] | None = None,
         global_batch: bool = False,
     ) -> dict[str, Tensor]:
         out = super().layer_losses(records, attention_mask, context, global_batch)
         group = (context or {}).get("group")
         if attention_mask is not None:
             batch = attention_mask.shape[0]
+        elif group is not None:
+            batch = group.shape[0]
         else:
-            batch = group.shape[0] if group is not None else 1
+            batch = int((context or {}).get("batch_size", 1))
         groups = int(self.options.get("lbc_groups", 2))
         delta = float(self.options.get("lbc_delta", 0.1))
         z = [importance(r.gates, batch, group, attention_mask, groups, delta) for r in records]
-        out["lbc_loss"] = variance_over_mean(z, global_batch)
+        out["lbc_loss"] = cv_squared(z, global_batch).sum()
         return out

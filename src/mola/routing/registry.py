@@ -57,6 +57,7 @@ def build_router(
         )
     if cls.requires_top_k and top_k is None:
         raise ValueError(f"top_k: the {name!r} router needs top_k (e.g. 2)")
+    top_p = cls.default_top_p if top_p is None else top_p
     if name == "topp" and (top_p is None or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p: the 'topp' router needs 0 < top_p <= 1, got {top_p}")
     own = {k: v for k, v in options.items() if k in cls.option_names}

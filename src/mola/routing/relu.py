@@ -21,6 +21,7 @@ weight stays fixed). There is no softmax load-balancing loss (``aux_loss`` is 0)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ class ReLURouter(Router):
         self,
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
-        context: Mapping[str, Tensor] | None = None,
+        context: Mapping[str, Any] | None = None,
         global_batch: bool = False,
     ) -> dict[str, Tensor]:
         g = torch.cat([r.gates.reshape(-1, r.gates.shape[-1]) for r in records]).float()

@@ -70,6 +70,7 @@ class TopPRouter(Router):
     paper = "Huang et al. 2024, Harder Tasks Need More Experts, arXiv 2403.07652"
     uses_top_k = True
     dynamic = True
+    default_top_p = 0.5
 
     def select(self, probs: Tensor) -> tuple[Tensor, Tensor]:
         sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -25,9 +25,11 @@ Losses (per decoder layer, summed over layers):
   (zero when ``E <= k``). Weighted by ``sparsity_loss_coef``.
 
 Open choices, as the authors' code does: init kaiming-uniform for the MLP weights and a bias of
--2.5 (``sparsegen_init: kaiming``), ``eps = 0.01``, hidden width 64 (``UniversalMLP`` default;
-their scripts use 256/512: ``ldmole_hidden``). Unlike the authors' code the router reads ``x``
-without dropout, like every mola router.
+-2.5 (``sparsegen_init: kaiming``), ``eps = 0.01``, and the hidden width of their
+``conf/model/*.yaml`` (``hidden_sizes``: 128 for Qwen3-0.6B and Llama-3.2-1B, 256 for Qwen3-1.7B
+and Llama-3.2-3B, 512 for Llama-3.1-8B): ``ldmole_hidden``, by default chosen from the base
+model's parameter count (:func:`authors_hidden`; 128 for a router built alone). Unlike the
+authors' code the router reads ``x`` without dropout, like every mola router.
 """
 
 from __future__ import annotations
@@ -41,10 +43,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mola.routing.base import Router, Routing
-from mola.routing.losses import masked_mean, share_balance_loss
+from mola.routing.losses import masked_mean
 from mola.routing.registry import register
 
 LAMBDA_EPS = 1e-2
+DEFAULT_HIDDEN = 128  # the authors' conf/model/qwen3_0.6b.yaml and llama3.2_1b.yaml
+
+
+def authors_hidden(num_parameters: int) -> int:
+    """The lambda MLP width of the authors' configs for a base model of this size: 128 for
+    Qwen3-0.6B and Llama-3.2-1B, 256 for Qwen3-1.7B and Llama-3.2-3B, 512 for Llama-3.1-8B."""
+    if num_parameters < 1.5e9:
+        return 128
+    return 256 if num_parameters < 6e9 else 512
+
+
 BIAS_INIT = -2.5
 
 
@@ -104,9 +117,11 @@ class SparsegenRouter(Router):
     dynamic = True
     option_names = ("ldmole_hidden", "ldmole_share", "share")
     loss_names = ("aux_loss", "sparsity_loss")
+    aux_loss_reduction = "module_mean"  # loss/loss.py: stack(per-module losses).mean()
 
     def build(self, in_features: int, **kw: Any) -> None:
-        hidden = int(self.options.get("ldmole_hidden", 64))
+        hidden = self.options.get("ldmole_hidden")
+        hidden = DEFAULT_HIDDEN if hidden is None else int(hidden)
         if hidden < 1:
             raise ValueError(f"ldmole_hidden: must be >= 1, got {hidden}")
         share = self.options.get("share")
@@ -134,19 +149,20 @@ class SparsegenRouter(Router):
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError("ldmole routes with gate(): lambda depends on x")
 
+    balance_normalise = True  # f_i: the share of the active (token, expert) pairs
+
+    def balance_terms(self, record: Routing) -> tuple[Tensor, Tensor]:
+        """Active pairs (``gates != 0``) and the sparsegen gates as ``P``."""
+        return record.gates, record.gates
+
     def layer_losses(
         self,
         records: Sequence[Routing],
         attention_mask: Tensor | None = None,
-        context: Mapping[str, Tensor] | None = None,
+        context: Mapping[str, Any] | None = None,
         global_batch: bool = False,
     ) -> dict[str, Tensor]:
-        gates = [r.gates for r in records]
-        out = {
-            "aux_loss": share_balance_loss(
-                gates, gates, attention_mask, normalise=True, global_batch=global_batch
-            )
-        }
+        out = {"aux_loss": self.balance_loss(records, attention_mask, global_batch)}
         k = self.top_k
         if k is not None and k < self.num_experts:
             terms = [F.relu(sparsity_bound(r.logits, k) - r.extras["lambda"]) for r in records]
@@ -154,5 +170,5 @@ class SparsegenRouter(Router):
                 torch.cat(terms), attention_mask, len(records), global_batch
             )
         else:
-            out["sparsity_loss"] = gates[0].new_zeros(())
+            out["sparsity_loss"] = records[0].gates.new_zeros(())
         return out

@@ -23,7 +23,7 @@ from mola.data.prompts import TEMPLATES
 from mola.experts import STRUCTURES
 from mola.methods import METHODS
 from mola.models.hub import DEFAULT_MODEL
-from mola.routing import ROUTERS
+from mola.routing import REDUCTIONS, ROUTERS
 from mola.routing.scope import SCOPES
 from mola.training.trackers import parse_report_to
 
@@ -72,10 +72,17 @@ class TrainOptions:
     alpha: float = _opt(16.0, "LoRA alpha; scale = alpha / r")
     dropout: float = _opt(0.05, "LoRA dropout")
     router: str = _opt("topk", "router", choices=tuple(ROUTERS))
-    top_p: float = _opt(0.5, "cumulative probability of the 'topp' router")
+    top_p: float | None = _opt(
+        None, "cumulative probability (topp: default 0.5; dynmole: 0.75, the authors')"
+    )
     target_modules: str = _opt(",".join(LLAMA_TARGETS), "comma-separated module names")
     aux_loss_coef: float = _opt(0.001, "load-balancing loss weight")
     router_z_loss_coef: float = _opt(0.0, "router z-loss weight")
+    aux_loss_reduction: str | None = _opt(
+        None,
+        "how router losses add up over modules/layers (default: the router's authors' way)",
+        choices=tuple(REDUCTIONS),
+    )
     # expert structures, per-module allocation, pre-trained experts
     experts_structure: str = _opt("stacked", "expert structure", choices=tuple(STRUCTURES))
     module_patterns: str | None = _opt(
@@ -83,7 +90,12 @@ class TrainOptions:
     )
     a_dropout: float = _opt(0.0, "MoSLD: dropout on the entries of the shared A")
     fly_sparsity: float | None = _opt(None, "FlyLoRA: nonzero share per row of A (top_k / r)")
-    balance_bias_rate: float = _opt(0.001, "FlyLoRA/SMoRA: loss-free balancing bias step")
+    balance_bias_rate: float | None = _opt(
+        None, "FlyLoRA/SMoRA: loss-free balancing bias step (default: the authors')"
+    )
+    smora_gating: str = _opt(
+        "sigmoid", "SMoRA gates: sigmoid (the authors') or softmax", choices=("sigmoid", "softmax")
+    )
     init_from: str | None = _opt(None, "start from this adapter (e.g. mola compose's output)")
     train_experts: bool = _opt(False, "with --init-from: train the experts too, not only routers")
     allocation: str | None = _opt(
@@ -97,12 +109,14 @@ class TrainOptions:
         "module", "module: a router per module; block: one per sub-block", choices=SCOPES
     )
     sparsity_loss_coef: float = _opt(0.0, "ldmole: weight of the analytical sparsity loss")
-    ldmole_hidden: int = _opt(64, "ldmole: width of the shared lambda MLP")
+    ldmole_hidden: int | None = _opt(
+        None, "ldmole: width of the shared lambda MLP (default: the authors' by model size)"
+    )
     entropy_threshold: float = _opt(0.9, "dynmole: normalised Tsallis entropy for all experts")
     entropy_index: float = _opt(1.1, "dynmole: Tsallis entropy index q")
-    entropy_loss_coef: float = _opt(0.0, "dynmole: weight of the Tsallis entropy loss")
+    entropy_loss_coef: float = _opt(0.01, "dynmole: weight of the Tsallis entropy loss")
     max_threshold: float | None = _opt(None, "adamole: threshold cap (default 1 / experts)")
-    l1_loss_coef: float = _opt(0.0, "relu: weight of the (load-balanced) L1 loss")
+    l1_loss_coef: float = _opt(1e-8, "relu: start weight of the (load-balanced) L1 loss")
     l1_loss_alpha: float = _opt(1.2, "relu: ReMoE's per-step multiplier of the L1 weight; 1: fixed")
     lbc_groups: int = _opt(2, "loramoe: expert groups, one per data 'group' value")
     lbc_delta: float = _opt(0.1, "loramoe: localized balancing delta")
@@ -155,6 +169,11 @@ class TrainOptions:
                 raise ValueError(
                     f"{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(choices)}"
                 )
+        if self.aux_loss_reduction is not None and self.aux_loss_reduction not in REDUCTIONS:
+            raise ValueError(
+                f"--aux-loss-reduction: {self.aux_loss_reduction!r} is not one of "
+                f"{', '.join(REDUCTIONS)}"
+            )
         if self.data is None and self.task not in TASKS:
             from mola.data.mixture import task_names
 
@@ -190,7 +209,8 @@ class TrainOptions:
         check_number("--weight-decay", self.weight_decay, low=0.0)
         check_number("--alpha", self.alpha, low=0.0, low_open=True)
         check_number("--dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        check_number("--top-p", self.top_p, low=0.0, high=1.0, low_open=True)
+        if self.top_p is not None:
+            check_number("--top-p", self.top_p, low=0.0, high=1.0, low_open=True)
         check_number("--l1-loss-alpha", self.l1_loss_alpha, low=1.0)
         check_number("--aux-loss-coef", self.aux_loss_coef, low=0.0)
         check_number("--router-z-loss-coef", self.router_z_loss_coef, low=0.0)
@@ -203,7 +223,12 @@ class TrainOptions:
         check_number("--a-dropout", self.a_dropout, low=0.0, high=1.0, high_open=True)
         if self.fly_sparsity is not None:
             check_number("--fly-sparsity", self.fly_sparsity, low=0.0, high=1.0, low_open=True)
-        check_number("--balance-bias-rate", self.balance_bias_rate, low=0.0)
+        if self.balance_bias_rate is not None:
+            check_number("--balance-bias-rate", self.balance_bias_rate, low=0.0)
+        if self.smora_gating not in ("sigmoid", "softmax"):
+            raise ValueError(
+                f"--smora-gating: {self.smora_gating!r} is not one of sigmoid, softmax"
+            )
         parse_patterns(self.module_patterns)
         experts = check_spec(self.experts, "--experts")
         ranks = check_spec(self.r, "--r")
@@ -222,12 +247,14 @@ class TrainOptions:
         targets = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         top_k = None if str(self.top_k).lower() in ("none", "") else self.top_k
         experts, ranks = self.experts, self.r
+        modules: dict[str, Any] = {}
         if self.allocation:  # mola allocate's per-layer lists replace --experts/--r (and top_k)
             from mola.core.allocation_file import read_allocation
 
             chosen = read_allocation(self.allocation)
             experts, ranks = chosen["num_experts"], chosen["r"]
             top_k = chosen.get("top_k", top_k)
+            modules = chosen.get("modules") or {}
         return MolaConfig(
             target_modules=targets,
             num_experts=experts,
@@ -239,11 +266,13 @@ class TrainOptions:
             top_p=self.top_p,
             aux_loss_coef=self.aux_loss_coef,
             router_z_loss_coef=self.router_z_loss_coef,
+            aux_loss_reduction=self.aux_loss_reduction,
             experts_structure=self.experts_structure,
             module_patterns=parse_patterns(self.module_patterns),
             a_dropout=self.a_dropout,
             fly_sparsity=self.fly_sparsity,
             balance_bias_rate=self.balance_bias_rate,
+            smora_gating=self.smora_gating,
             router_scope=self.router_scope,
             sparsity_loss_coef=self.sparsity_loss_coef,
             ldmole_hidden=self.ldmole_hidden,
@@ -256,6 +285,7 @@ class TrainOptions:
             lbc_groups=self.lbc_groups,
             lbc_delta=self.lbc_delta,
             lbc_loss_coef=self.lbc_loss_coef,
+            module_allocation=modules,
         )
 
     def to_dict(self) -> dict[str, Any]:
