@@ -181,6 +181,7 @@ def _run_harness(args: argparse.Namespace, output: str, progress: bool) -> int:
     manager = task_manager(tasks, args.harness_include)  # unknown tasks fail before the model
     model, tokenizer = _load_model(args, progress)
     compile_for_cli(model, args.compile)
+    group_for_cli(model, args)
     results = run_harness(
         model,
         tokenizer,
