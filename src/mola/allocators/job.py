@@ -34,7 +34,7 @@ class AllocateOptions(TrainOptions):
         # the probe is its own short loop: none of the Trainer's schedule, precision or saving
         + ("epochs", "max_steps", "grad_accum", "warmup_ratio", "scheduler", "weight_decay")
         + ("gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "save_steps")
-        + ("logging_steps",)
+        + ("logging_steps", "dry_run")
         # and no evaluation
         + ("eval_data", "eval_limit", "eval", "eval_before", "scoring", "eval_batch_size")
     )
@@ -50,6 +50,7 @@ class AllocateOptions(TrainOptions):
     gsv_lr: float = _opt(0.1, "learning rate of the GuidedSelection Vectors")
     output: str = _opt("alloc.yaml", "allocation YAML to write (a PNG is written beside it)")
     lr: float = _opt(2e-3, "learning rate of the probe's experts and routers")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:N or mps")
 
     def __post_init__(self) -> None:
         if self.max_experts < 1:
@@ -65,6 +66,9 @@ class AllocateOptions(TrainOptions):
             raise ValueError("--heldout: must be in (0, 1)")
         if self.probe_examples < 2:
             raise ValueError("--probe-examples: must be >= 2 (a training and a held-out split)")
+        from mola.models.placement import resolve_device
+
+        resolve_device(self.device)
 
 
 def _single_int(value: str, flag: str) -> int:
@@ -92,7 +96,9 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     held = max(1, round(opts.heldout * len(examples)))
     if len(examples) - held < 1:
         raise ValueError("the training data is too small to split into training and held-out parts")
-    base, tokenizer = load_base(opts.model, progress=opts.progress)
+    base, tokenizer = load_base(
+        opts.model, progress=opts.progress, options=opts.load_options(opts.device)
+    )
     config = opts.mola_config()
     config.top_k = top_k
     model = probe_model(base, config, opts.max_experts, r_max)

@@ -12,6 +12,7 @@ from mola.evaluation.evaluate import SCORINGS, evaluate
 from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base, training_template
+from mola.models.placement import add_load_arguments, load_options_from_args
 from mola.utils.io import check_writable_dir, write_json, write_jsonl
 from mola.utils.tables import metrics_table
 
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_compile_argument(parser)
+    add_load_arguments(parser)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -74,14 +76,15 @@ def _output_dir(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    load = load_options_from_args(args)
     output = _output_dir(args)
     progress = not args.no_progress
     examples = limit_examples(load_examples(args.task, args.data, args.split), args.limit)
     template = args.template or training_template(args.adapter) or "alpaca"
     if args.adapter:
-        model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
+        model, tokenizer = load_adapted(args.adapter, args.model, progress, options=load)
     else:
-        model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
+        model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress, options=load)
     compile_for_cli(model, args.compile)
     metrics, records = evaluate(
         model,

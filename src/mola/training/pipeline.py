@@ -18,6 +18,7 @@ from mola.data.prompts import DataCollator, encode_for_training
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
+from mola.models.precision import prepare_kbit_training, quantized_bits
 from mola.training.options import TrainOptions
 from mola.training.outputs import check_output, clear_previous_run, notes
 from mola.utils.distributed import check_launch, is_main_process
@@ -59,6 +60,10 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     check_launch()
     set_seed(opts.seed)
     main = is_main_process()
+    if opts.dry_run:
+        from mola.training.dry_run import dry_run
+
+        return dry_run(opts, show=main)
     if not main:
         opts = dataclasses.replace(opts, progress=False)
     if main:
@@ -69,7 +74,11 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         check_adapter_files(opts.init_from)  # a damaged adapter fails before the model loads
     mola_config = MolaConfig.load(opts.init_from) if opts.init_from else opts.mola_config()
     train_examples, eval_examples = load_train_eval(opts)
-    base, tokenizer = load_base(opts.model, progress=opts.progress)
+    base, tokenizer = load_base(
+        opts.model, progress=opts.progress, options=opts.load_options(training_device(opts))
+    )
+    if quantized_bits(base) is not None:
+        prepare_kbit_training(base, opts.gradient_checkpointing)
     if opts.allocation:  # a list of another length would be read as layer groups
         from mola.core.allocation_file import check_fits
 
@@ -136,6 +145,16 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     results["timings"] = timings
     write_json(os.path.join(opts.output, "metrics.json"), results)
     return results
+
+
+def training_device(opts: TrainOptions) -> str:
+    """Where the base model is loaded for training: the CPU (the Trainer moves it), except a
+    quantized base, which bitsandbytes quantizes on its device: this process's GPU."""
+    import torch
+
+    if not (opts.load_in_4bit or opts.load_in_8bit) or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def build_model(base: Any, config: MolaConfig, opts: TrainOptions) -> MolaModel:
