@@ -65,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if os.path.abspath(args.output) == os.path.abspath(args.adapter):
         raise ValueError("--output: must differ from --adapter")
     load = load_options_from_args(args)
+    if load.load_in_4bit or load.load_in_8bit:
+        flag = "--load-in-4bit" if load.load_in_4bit else "--load-in-8bit"
+        raise ValueError(
+            f"{flag}: mola merge refuses to fold into quantized weights (the update would be "
+            "rounded away); drop the flag: it loads the unquantized base (--dtype) and folds there"
+        )
     model, tokenizer = load_adapted(args.adapter, args.model, not args.no_progress, options=load)
     plan = merge_plan(model)
     rows = [[d.module, d.num_experts, d.router, "yes" if d.mergeable else "no", d.reason]
