@@ -53,17 +53,12 @@ def _line(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def resolve_hub_id(repo_id: str, revision: str | None = None, progress: bool = True) -> Path:
-    """The local snapshot directory of ``repo_id`` at ``revision`` (default ``main``),
-    downloading what is missing unless ``HF_HUB_OFFLINE=1``.
-
-    Raises:
-        DataError: one line: not cached and not reachable (with the pre-download command), a
-            gated or private repository (with how to log in), an unknown repository or
-            revision, or a repository without safetensors weights.
-    """
-    from huggingface_hub import snapshot_download
+def _download(repo_id: str, revision: str | None, progress: bool, **kwargs: object) -> str:
+    """``snapshot_download`` (or, with ``filename``, ``hf_hub_download``) with every failure
+    turned into one :class:`DataError` line."""
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -81,7 +76,9 @@ def resolve_hub_id(repo_id: str, revision: str | None = None, progress: bool = T
     if not progress:
         disable_progress_bars()
     try:
-        folder = snapshot_download(
+        if "filename" in kwargs:
+            return hf_hub_download(repo_id, revision=revision, cache_dir=hub_cache(), **kwargs)
+        return snapshot_download(
             repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, cache_dir=hub_cache()
         )
     except GatedRepoError:
@@ -102,12 +99,26 @@ def resolve_hub_id(repo_id: str, revision: str | None = None, progress: bool = T
             f"model {where}: not in the Hugging Face cache ({hub_cache()}) and {why}; "
             f"pre-download it where there is a network: {fetch}"
         ) from None
+    except EntryNotFoundError:
+        raise DataError(f"model {where}: the repository has no {kwargs.get('filename')}") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise DataError(f"model {where}: cannot fetch it from the Hub ({_line(err)})") from None
     finally:
         if not progress:
             enable_progress_bars()
-    path = Path(folder)
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None, progress: bool = True) -> Path:
+    """The local snapshot directory of ``repo_id`` at ``revision`` (default ``main``),
+    downloading what is missing unless ``HF_HUB_OFFLINE=1``.
+
+    Raises:
+        DataError: one line: not cached and not reachable (with the pre-download command), a
+            gated or private repository (with how to log in), an unknown repository or
+            revision, or a repository without safetensors weights.
+    """
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    path = Path(_download(repo_id, revision, progress))
     if not (path / "config.json").is_file():
         raise DataError(f"model {where}: the repository has no config.json ({path})")
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json"))
@@ -117,3 +128,9 @@ def resolve_hub_id(repo_id: str, revision: str | None = None, progress: bool = T
             "(*.bin) files: use a repository (or revision) that has *.safetensors"
         )
     return path
+
+
+def hub_config_file(repo_id: str, revision: str | None = None) -> Path:
+    """Only the ``config.json`` of ``repo_id`` (what ``mola train --dry-run`` needs), fetched
+    into the same cache; one-line errors as :func:`resolve_hub_id`."""
+    return Path(_download(repo_id, revision, False, filename="config.json"))
