@@ -145,7 +145,9 @@ def test_cli_train_and_eval_with_a_bf16_base(tiny_llama_dir, tmp_path, capsys):
             *["--save-steps", "0", "--no-eval", "--no-progress"],
         ]
     )
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "; base bfloat16" in captured.out
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {

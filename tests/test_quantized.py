@@ -105,6 +105,7 @@ def test_cli_qlora_trains_saves_and_reloads_on_both_bases(tiny_llama_dir, tmp_pa
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "kernels-community" not in captured.err
+    assert "; base 4-bit nf4" in captured.out
     losses = [
         json.loads(line)["loss"]
         for line in (out / "train_log.jsonl").read_text().splitlines()

@@ -120,6 +120,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         print(
             f"mola: {_plural(len(train_examples), 'training example')}; experts per layer "
             f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
+            f"; base {_base_kind(base)}"
         )
     rows = [
         encode_for_training(tokenizer, e, opts.template, opts.cutoff_len, opts.train_on_inputs)
@@ -166,6 +167,15 @@ def build_model(base: Any, config: MolaConfig, opts: TrainOptions) -> MolaModel:
     if not opts.train_experts:
         freeze_experts(model)
     return model
+
+
+def _base_kind(base: Any) -> str:
+    """``float32``, ``bfloat16``, ``4-bit nf4`` or ``8-bit``: how the frozen base is stored."""
+    bits = quantized_bits(base)
+    if bits is not None:
+        return "4-bit nf4" if bits == 4 else "8-bit"
+    param = next(iter(base.parameters()), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else "?"
 
 
 def _plural(count: int, noun: str) -> str:
