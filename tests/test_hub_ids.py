@@ -144,3 +144,38 @@ def test_cli_unknown_hub_id_is_one_line(hub_cache, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("mola: error: model tiny-org/absent: not in the Hugging Face cache")
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "says"),
+    [
+        ("GatedRepoError", 403, "a gated repository; accept its terms on huggingface.co/"),
+        ("RepositoryNotFoundError", 404, "no such repository on the Hub, or it is private"),
+    ],
+)
+def test_hub_refusals_are_one_line_with_the_cure(monkeypatch, error, status, says):
+    """What the Hub answers for a gated or unknown repository (its own error classes, as
+    ``snapshot_download`` raises them online) becomes one line saying what to do."""
+    import importlib
+
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    http = next(
+        (importlib.import_module(m) for m in ("httpx2", "httpx") if importlib.util.find_spec(m)),
+        None,
+    )
+    if http is None:
+        pytest.skip("huggingface_hub without httpx: its errors take a requests response")
+    request = http.Request("GET", "https://huggingface.co/api/models/org/name")
+    exc = getattr(errors, error)("refused", response=http.Response(status, request=request))
+
+    def refuse(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(DataError) as info:
+        load_model_and_tokenizer("org/name", progress=False)
+    text = _one_line(info.value)
+    assert text.startswith("model org/name: ") and says in text
+    assert "hf auth login" in text
