@@ -157,6 +157,7 @@ def test_hub_refusals_are_one_line_with_the_cure(monkeypatch, error, status, say
     """What the Hub answers for a gated or unknown repository (its own error classes, as
     ``snapshot_download`` raises them online) becomes one line saying what to do."""
     import importlib
+    import importlib.util
 
     import huggingface_hub
     from huggingface_hub import errors
