@@ -180,3 +180,21 @@ def test_hub_refusals_are_one_line_with_the_cure(monkeypatch, error, status, say
     text = _one_line(info.value)
     assert text.startswith("model org/name: ") and says in text
     assert "hf auth login" in text
+
+
+def test_dry_run_on_a_hub_id_reads_only_its_config(hub_cache, tmp_path, capsys):
+    snapshot = hub_cache / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
+    for path in snapshot.glob("*.safetensors"):
+        path.unlink()  # a dry run needs no weights
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    code = main(
+        [
+            *["train", "--model", REPO, "--data", str(data), "--experts", "2", "--dry-run"],
+            *["--output", str(tmp_path / "never")],
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"dry run (no weights loaded, nothing written): {REPO}" in captured.out
+    assert not (tmp_path / "never").exists()
