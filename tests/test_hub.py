@@ -64,7 +64,8 @@ def test_unknown_model_name(tmp_path):
     with pytest.raises(ValueError) as info:
         load_model_and_tokenizer(missing)
     assert str(info.value) == (
-        f"unknown model '{missing}': not a local directory and not a built-in name (smollm2-135m)"
+        f"unknown model '{missing}': not a local directory, a built-in name (smollm2-135m) "
+        "or a Hub id ORG/NAME"
     )
     assert isinstance(info.value, DataError)
 

@@ -79,7 +79,7 @@ def test_routing_mask_is_built_only_when_read():
 
 def make_layer(E, k, d_in=24, d_out=20, dtype=torch.float32, seed=0, **kw):
     torch.manual_seed(seed)
-    layer = MolaLinear(nn.Linear(d_in, d_out).to(dtype), E, r=4, lora_alpha=12, top_k=k, **kw)
+    layer = MolaLinear(nn.Linear(d_in, d_out), E, r=4, lora_alpha=12, top_k=k, **kw).to(dtype)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "lora_B" in name:

@@ -152,24 +152,42 @@ def test_changed_adapter_weights_rebuild_the_group():
     torch.testing.assert_close(grouped, logits(model, IDS), rtol=1e-5, atol=1e-5)
 
 
-def test_a_base_of_another_dtype_than_the_adapter_falls_back_exactly():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_on_a_half_precision_base_cast_in_and_out_as_each_module(dtype):
     torch.manual_seed(0)
     pair = nn.ModuleDict(
-        {n: MolaLinear(nn.Linear(8, 6).to(torch.bfloat16), 3, r=2, top_k=2) for n in "ab"}
+        {n: MolaLinear(nn.Linear(8, 6 + len(n)).to(dtype), 3, r=2, top_k=2) for n in ("a", "bb")}
     ).eval()
     for m in pair.values():
-        m.experts.float(), m.router.float()  # fp32 adapter on a bf16 base: the layer casts
+        assert m.lora_A.dtype == torch.float32  # adapters stay fp32 on a half-precision base
         nn.init.normal_(m.lora_B)
-    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    x = torch.randn(3, 8, dtype=dtype)
+    with torch.no_grad():
+        want = [pair["a"](x), pair["bb"](x)]
+        group = InputGroup(pair.values())
+        for m in pair.values():
+            m.input_group = group
+        got = [pair["a"](x), pair["bb"](x)]
+    assert group.calls == 1
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_a_quantized_or_other_base_is_not_stacked_and_falls_back():
+    class Frozen(nn.Linear):  # any subclass (bitsandbytes' Linear4bit is one): not stacked
+        pass
+
+    torch.manual_seed(0)
+    pair = nn.ModuleDict({n: MolaLinear(Frozen(8, 6), 3, r=2, top_k=2) for n in "ab"}).eval()
+    x = torch.randn(3, 8)
     with torch.no_grad():
         want = [pair["a"](x), pair["b"](x)]
-        for m in pair.values():
-            m.input_group = None
         group = InputGroup(pair.values())
         for m in pair.values():
             m.input_group = group
         got = [pair["a"](x), pair["b"](x)]
-    assert group.calls == 0  # every module took its own path
+    assert group.base_weight is None and group.calls == 0
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -20,7 +20,7 @@ def make_layer(d_in, d_out, E, k, router="topk", top_p=None, dtype=torch.float32
     base = nn.Linear(d_in, d_out, bias=True).to(dtype)
     layer = MolaLinear(
         base, E, r=4, lora_alpha=8, lora_dropout=0.0, top_k=k, router=router, top_p=top_p
-    )
+    ).to(dtype)  # a bf16 base gets fp32 adapters; these tests run the layer all in ``dtype``
     with torch.no_grad():
         layer.lora_B.normal_(std=0.5)
         if layer.router is not None:  # one expert: a plain LoRA, no router

@@ -26,7 +26,7 @@ def make_layer(router, E, k=2, d_in=11, d_out=9, dtype=torch.float32, seed=0, **
     top_k = min(k, E) if k else None
     layer = MolaLinear(
         base, E, r=3, lora_alpha=6, top_k=top_k, router=router, top_p=0.75, router_options=options
-    )
+    ).to(dtype)  # a bf16 base gets fp32 adapters; these tests run the layer all in ``dtype``
     with torch.no_grad():
         layer.lora_B.normal_(std=0.5)
         layer.router.weight.mul_(4.0)  # spread the logits: few near-ties at selection edges

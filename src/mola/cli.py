@@ -104,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         return PIPE_CLOSED_STATUS
 
 
+def _quiet_imports() -> None:
+    """bitsandbytes (which peft imports) logs two lines about kernels-community kernels on
+    import on some CPUs, and LLM.int8 warns on every call: not for a normal run's stderr."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*kernels-community.*")
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -119,6 +130,7 @@ def _main(argv: list[str] | None) -> int:
         )
         return 2
     debug = "--debug" in argv
+    _quiet_imports()
     try:
         args = build_parser(argv[0]).parse_args(argv[1:])
         return int(args._run(args) or 0)

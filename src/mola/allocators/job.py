@@ -37,7 +37,7 @@ class AllocateOptions(TrainOptions):
         # the probe is its own short loop: none of the Trainer's schedule, precision or saving
         + ("epochs", "max_steps", "grad_accum", "warmup_ratio", "scheduler", "weight_decay")
         + ("gradient_checkpointing", "bf16", "fp16", "resume", "overwrite", "save_steps")
-        + ("logging_steps", "report_to")
+        + ("logging_steps", "report_to", "dry_run")
         # and no evaluation
         + ("eval_data", "eval_limit", "eval", "eval_before", "scoring", "eval_batch_size")
         + ("eval_data_split",)
@@ -71,6 +71,7 @@ class AllocateOptions(TrainOptions):
     gsv_lr: float = _opt(3e-3, "learning rate of the GuidedSelection Vectors (the authors')")
     output: str = _opt("alloc.yaml", "allocation YAML to write (a PNG is written beside it)")
     lr: float = _opt(2e-3, "learning rate of the probe's experts and routers")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:N or mps")
 
     def __post_init__(self) -> None:
         if self.max_experts < 1:
@@ -100,6 +101,9 @@ class AllocateOptions(TrainOptions):
             raise ValueError("--heldout: must be in (0, 1)")
         if self.probe_examples < 2:
             raise ValueError("--probe-examples: must be >= 2 (a training and a held-out split)")
+        from mola.models.placement import resolve_device
+
+        resolve_device(self.device)
 
 
 def _single_int(value: str, flag: str) -> int:
@@ -136,7 +140,9 @@ def run_allocate(opts: AllocateOptions) -> dict[str, Any]:
     held = max(1, round(opts.heldout * len(examples)))
     if len(examples) - held < 1:
         raise ValueError("the training data is too small to split into training and held-out parts")
-    base, tokenizer = load_base(opts.model, progress=opts.progress)
+    base, tokenizer = load_base(
+        opts.model, progress=opts.progress, options=opts.load_options(opts.device)
+    )
     config = opts.mola_config()
     config.top_k = top_k
     pristine = copy.deepcopy(base) if opts.strategy == "guilomo" else None

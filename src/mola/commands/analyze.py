@@ -75,14 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"output directory (default: ADAPTER/analysis; ./{DEFAULT_COMPARE_OUTPUT} to compare)",
     )
     parser.add_argument(
-        "--device", default="auto", help="where to run the model: auto (cuda if any), cpu, cuda:0"
-    )
-    parser.add_argument(
         "--weights-only",
         action="store_true",
         help="skip the data pass: redundancy only (no load/entropy numbers or plots)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from mola.models.placement import add_load_arguments
+
+    add_load_arguments(parser)
     add_group_argument(parser)
 
 
@@ -97,21 +97,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--dead-threshold: must be in [0, 1), got {args.dead_threshold}")
     if args.compare is not None and len(args.compare) < 2:
         raise ValueError("--compare: give at least two adapter (or analysis) directories")
-    _resolve_device(args.device)
+    from mola.models.placement import load_options_from_args
 
-
-def _resolve_device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device: cannot read {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name} requested but CUDA is not available")
-    return device
+    load_options_from_args(args)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -167,14 +155,15 @@ def _analyze_adapter(adapter: str, args: argparse.Namespace, data: _Data) -> dic
     from mola.analysis.report import analyze, encode_batches
     from mola.data.prompts import DEFAULT_TEMPLATE
     from mola.models.loading import load_adapted, training_template
+    from mola.models.placement import input_device, load_options_from_args
 
     progress = not args.no_progress
     template = args.template or training_template(adapter) or DEFAULT_TEMPLATE
     examples = None if args.weights_only else data.examples()  # bad data fails before loading
-    model, tokenizer = load_adapted(adapter, model=args.model, progress=progress)
-    device = _resolve_device(args.device)
+    load = load_options_from_args(args)
+    model, tokenizer = load_adapted(adapter, model=args.model, progress=progress, options=load)
+    device = input_device(model)
     try:
-        model.to(device)
         group_for_cli(model, args)  # after placement: groups stack the bases where they are
         batches = None
         if examples is not None:

@@ -11,6 +11,7 @@ import argparse
 import os
 
 from mola.models.hub import DEFAULT_MODEL
+from mola.models.placement import add_load_arguments, load_options_from_args
 from mola.utils.io import write_json
 
 HELP = "build a mola adapter whose experts are existing PEFT LoRA adapters"
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, help="experts per token for top-k style routers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_load_arguments(parser)
 
 
 def base_model_name(adapters: list, model: str | None) -> str:
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from mola.experts.pretrained import compose_into, read_peft_lora, target_names
     from mola.models.loading import load_base
 
+    load = load_options_from_args(args)
     adapters = [read_peft_lora(d) for d in args.adapters]
     rank = max(a.max_rank for a in adapters)
     config = MolaConfig(
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k if args.top_k is not None else min(2, len(adapters)),
     )
     name = base_model_name(adapters, args.model)
-    base, _ = load_base(name, progress=not args.no_progress)
+    base, _ = load_base(name, progress=not args.no_progress, options=load)
     torch.manual_seed(args.seed)
     model = get_mola_model(base, config)
     compose_into(model, adapters)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if main:
         print(banner(opts))
     results = run_training(opts)
-    if results.get("main_process", True):
+    if "dry_run" not in results and results.get("main_process", True):
         print(summary(results))
     return 0
 

@@ -19,6 +19,7 @@ from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.inference.fused import add_group_argument, group_for_cli
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base, training_template
+from mola.models.placement import add_load_arguments, load_options_from_args
 from mola.utils.io import check_writable_dir, write_json, write_jsonl
 from mola.utils.tables import metrics_table
 
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-fewshot", type=int, help="few-shot examples per harness prompt (default: task's)"
     )
     add_compile_argument(parser)
+    add_load_arguments(parser)
     add_group_argument(parser)
 
 
@@ -115,10 +117,11 @@ def _output_dir(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    load = load_options_from_args(args)
     output = _output_dir(args)
     progress = not args.no_progress
     if args.harness:
-        return _run_harness(args, output, progress)
+        return _run_harness(args, output, progress, load)
     examples = load_examples(
         args.task,
         args.data,
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     )
     examples = limit_examples(examples, args.limit)
     template = args.template or training_template(args.adapter) or default_template(examples)
-    model, tokenizer = _load_model(args, progress)
+    model, tokenizer = _load_model(args, progress, load)
     compile_for_cli(model, args.compile)
     group_for_cli(model, args)
     metrics, records = evaluate(
@@ -161,13 +164,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(args: argparse.Namespace, progress: bool) -> tuple[Any, Any]:
+def _load_model(args: argparse.Namespace, progress: bool, load: Any) -> tuple[Any, Any]:
+    """The adapted model (or the base model alone), placed and stored as ``load`` says."""
     if args.adapter:
-        return load_adapted(args.adapter, args.model, progress=progress)
-    return load_base(args.model or DEFAULT_MODEL, progress=progress)
+        return load_adapted(args.adapter, args.model, progress, options=load)
+    return load_base(args.model or DEFAULT_MODEL, progress=progress, options=load)
 
 
-def _run_harness(args: argparse.Namespace, output: str, progress: bool) -> int:
+def _run_harness(args: argparse.Namespace, output: str, progress: bool, load: Any) -> int:
     """``--harness``: the harness's tasks on mola's model; its table and results JSON."""
     from mola.evaluation.harness import (
         parse_tasks,
@@ -179,7 +183,7 @@ def _run_harness(args: argparse.Namespace, output: str, progress: bool) -> int:
 
     tasks = parse_tasks(args.harness)
     manager = task_manager(tasks, args.harness_include)  # unknown tasks fail before the model
-    model, tokenizer = _load_model(args, progress)
+    model, tokenizer = _load_model(args, progress, load)
     compile_for_cli(model, args.compile)
     group_for_cli(model, args)
     results = run_harness(

@@ -11,6 +11,7 @@ from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.inference.fused import add_group_argument, group_for_cli
 from mola.models.hub import DEFAULT_MODEL
 from mola.models.loading import load_adapted, load_base
+from mola.models.placement import add_load_arguments, input_device, load_options_from_args
 
 HELP = "generate text with an adapter, streaming"
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide loading progress")
     add_compile_argument(parser)
+    add_load_arguments(parser)
     add_group_argument(parser)
 
 
@@ -46,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("prompt: empty; give the instruction or question to answer")
     progress = not args.no_progress
+    load = load_options_from_args(args)
     if args.adapter:
-        model, tokenizer = load_adapted(args.adapter, args.model, progress=progress)
+        model, tokenizer = load_adapted(args.adapter, args.model, progress, options=load)
     else:
-        model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress)
+        model, tokenizer = load_base(args.model or DEFAULT_MODEL, progress=progress, options=load)
     model.eval()
     compile_for_cli(model, args.compile)
     group_for_cli(model, args)
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = render_prompt(Example(args.prompt, args.input), args.template, tokenizer)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch.manual_seed(args.seed)
     sample = args.temperature > 0

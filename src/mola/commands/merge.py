@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"fold what can be folded; keep the rest as a mola adapter in OUTPUT/{RESIDUAL_DIR}",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from mola.models.placement import add_load_arguments
+
+    add_load_arguments(parser)
 
 
 def _probe_logits(model: Any) -> Any:
@@ -55,12 +58,20 @@ def run(args: argparse.Namespace) -> int:
     from mola.core.checkpoint import save_adapter
     from mola.inference.merge import fold_modules, merge_plan
     from mola.models.loading import load_adapted
+    from mola.models.placement import load_options_from_args
     from mola.utils.io import write_json
     from mola.utils.tables import table
 
     if os.path.abspath(args.output) == os.path.abspath(args.adapter):
         raise ValueError("--output: must differ from --adapter")
-    model, tokenizer = load_adapted(args.adapter, args.model, progress=not args.no_progress)
+    load = load_options_from_args(args)
+    if load.load_in_4bit or load.load_in_8bit:
+        flag = "--load-in-4bit" if load.load_in_4bit else "--load-in-8bit"
+        raise ValueError(
+            f"{flag}: mola merge refuses to fold into quantized weights (the update would be "
+            "rounded away); drop the flag: it loads the unquantized base (--dtype) and folds there"
+        )
+    model, tokenizer = load_adapted(args.adapter, args.model, not args.no_progress, options=load)
     plan = merge_plan(model)
     rows = [[d.module, d.num_experts, d.router, "yes" if d.mergeable else "no", d.reason]
             for d in plan]  # fmt: skip

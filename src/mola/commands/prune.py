@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cutoff-len", type=int, default=256)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from mola.models.placement import add_load_arguments
+
+    add_load_arguments(parser)
     add_group_argument(parser)
 
 
@@ -91,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
     from mola.inference.loads import measure_loads
     from mola.inference.prune import layer_summary, prune_model, pruned_patterns
     from mola.models.loading import load_adapted, training_template
+    from mola.models.placement import load_options_from_args
     from mola.utils.io import write_json
     from mola.utils.tables import metrics_table, table
 
     _check(args)
+    load = load_options_from_args(args)
     template = args.template or training_template(args.adapter) or DEFAULT_TEMPLATE
     calib = limit_examples(load_examples(args.task, args.data, args.split), args.limit or None)
     evaluation = []
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         eval_task = args.eval_task or (None if args.eval_data else args.task)
         evaluation = load_examples(eval_task, args.eval_data, "test")
         evaluation = limit_examples(evaluation, args.eval_limit or None)
-    model, tokenizer = load_adapted(args.adapter, args.model, progress=not args.no_progress)
+    model, tokenizer = load_adapted(args.adapter, args.model, not args.no_progress, options=load)
     group_for_cli(model, args)
     metrics: dict[str, dict] = {}
     if evaluation:

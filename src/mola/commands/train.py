@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results = run_training(options_from_args(args))
+    if "dry_run" in results:  # the report is printed; nothing was trained
+        return 0
     if results.get("main_process", True):  # under torchrun only rank 0 reports
         print(summary(results))
     return 0

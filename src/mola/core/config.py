@@ -22,7 +22,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 CONFIG_NAME = "adapter_config.json"
 
 # Keys that adapter_config.json carries beside the config fields.
-META_KEYS = frozenset({"base_model_name_or_path", "base_model_class", "allocation", "mola_version"})
+META_KEYS = frozenset(
+    {"base_model_name_or_path", "revision", "base_model_class", "allocation", "mola_version"}
+)
 
 
 def check_number(

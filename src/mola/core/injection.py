@@ -9,7 +9,7 @@ from torch import nn
 
 from mola.core.collect import RouterLogitsStore
 from mola.core.config import MolaConfig
-from mola.core.layer import MolaLinear, features, is_supported
+from mola.core.layer import MolaLinear, adapter_dtype, features, is_supported
 from mola.routing import build_router
 from mola.routing.scope import SharedRouting
 
@@ -175,7 +175,7 @@ def _share_router(
         top_k,
         top_p,
         in_features,
-        dtype=weight.dtype if weight.dtype.is_floating_point else None,
+        dtype=adapter_dtype(weight.dtype),
         device=weight.device,
         **options,
     )

@@ -59,6 +59,14 @@ def features(base_layer: nn.Module) -> tuple[int, int]:
     )
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The adapter's parameter dtype for a base weight of ``base_dtype``: fp32 master weights
+    for a bf16/fp16 or quantized (bitsandbytes int8/uint8) base, as PEFT keeps them; an fp64
+    base keeps fp64. The forward casts the input to this dtype and the update back to the base
+    output's dtype."""
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
 def is_supported(module: nn.Module) -> bool:
     """Whether :class:`MolaLinear` can wrap ``module``."""
     try:
@@ -118,7 +126,7 @@ class MolaLinear(nn.Module):
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         weight = base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        dtype = adapter_dtype(weight.dtype)
         self.in_features, self.out_features = d_in, d_out
         self.num_experts, self.r = num_experts, r
         self.scaling = lora_alpha / r

@@ -62,6 +62,8 @@ class MolaModel(nn.Module):
         routings = [layer.routing for _, layer in self.mola_layers()]
         self._all_routers = list({id(r): r for r in routings if r is not None}.values())
         self.l1_schedule = self._adaptive_l1()
+        # trainable adapters are attached: the Trainer then trains on a quantized base
+        self._hf_peft_config_loaded = True
 
     # -- delegation -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -292,13 +294,17 @@ class MolaModel(nn.Module):
     def adapter_config(self) -> dict[str, Any]:
         """What ``adapter_config.json`` holds: the config, the base model and the allocation."""
         base_config = getattr(self.base_model, "config", None)
-        return {
+        config = {
             **self.mola_config.to_dict(),
             "base_model_name_or_path": getattr(base_config, "_name_or_path", None),
             "base_model_class": type(self.base_model).__name__,
             "allocation": self.allocation,
             "mola_version": __version__,
         }
+        revision = getattr(base_config, "mola_revision", None)
+        if revision:  # a Hub id's branch, tag or commit (--revision)
+            config["revision"] = revision
+        return config
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **_: Any) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only).

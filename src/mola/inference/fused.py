@@ -238,13 +238,12 @@ class InputGroup:
     def _compute(self, x: Tensor) -> dict[int, Tensor]:
         members = self.members
         w = self.weights.get(self._sources(), self._build)
-        if w["down"].dtype != self.base_weight.dtype:
-            return {}  # a cast between base and adapter: the per-module path does it
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        if flat.dtype != self.base_weight.dtype:
-            flat = flat.to(self.base_weight.dtype)
-        out = F.linear(flat, self.base_weight, self.base_bias)
+        out = F.linear(flat, self.base_weight, self.base_bias)  # as each base_layer(x) would
+        adapter_dtype = w["down"].dtype  # fp32 adapters on a bf16/fp16 base: cast in, cast out
+        if flat.dtype != adapter_dtype:
+            flat = flat.to(adapter_dtype)
         both = F.linear(flat, w["down"])
         rows = sum(w["rows"])
         routed, h = both[:, :rows], both[:, rows:]
@@ -266,7 +265,10 @@ class InputGroup:
                 parts.append(m.experts.combine(z_m))
                 r0, c0 = r0 + rows_m, c0 + cols
             z = torch.cat(parts, dim=1)
-        out.addmm_(z, w["up"])
+        if out.dtype == z.dtype == w["up"].dtype:
+            out.addmm_(z, w["up"])
+        else:
+            out += torch.mm(z, w["up"]).to(out.dtype)
         outputs, start = {}, 0
         for m, d_out in zip(members, w["outs"], strict=True):
             outputs[id(m)] = out[:, start : start + d_out].view(*lead, d_out)

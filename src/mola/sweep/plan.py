@@ -27,8 +27,11 @@ def _model_dir(model: str) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
-    from mola.models.hub import builtin_model_dir
+    from mola.models.hub import BUILTIN_MODELS, builtin_model_dir
+    from mola.models.hub_ids import hub_config_file, is_hub_id
 
+    if model not in BUILTIN_MODELS and is_hub_id(model):  # its config.json alone
+        return str(hub_config_file(model).parent)
     return str(builtin_model_dir(model, progress=False))
 
 

@@ -23,6 +23,8 @@ from mola.data.prompts import TEMPLATES
 from mola.experts import STRUCTURES
 from mola.methods import METHODS
 from mola.models.hub import DEFAULT_MODEL
+from mola.models.placement import LoadOptions
+from mola.models.precision import DTYPE_CHOICES, quant_bits
 from mola.routing import REDUCTIONS, ROUTERS
 from mola.routing.scope import SCOPES
 from mola.training.trackers import parse_report_to
@@ -42,7 +44,15 @@ class TrainOptions:
     """Fields a command ignores: they get no ``--flag`` (a shared YAML file may still set them)."""
 
     # model and data
-    model: str = _opt(DEFAULT_MODEL, "local HF model dir or built-in name")
+    model: str = _opt(DEFAULT_MODEL, "local HF model dir, built-in name or Hub id ORG/NAME")
+    revision: str | None = _opt(None, "Hub branch, tag or commit of --model (default main)")
+    dtype: str = _opt(
+        "auto",
+        "base weights dtype (auto: bf16 on a bf16 GPU, else fp32); adapters stay fp32",
+        choices=DTYPE_CHOICES,
+    )
+    load_in_4bit: bool = _opt(False, "4-bit nf4 base, double quantization (bitsandbytes; QLoRA)")
+    load_in_8bit: bool = _opt(False, "8-bit LLM.int8 base (bitsandbytes)")
     task: str = _opt(
         "sarcasm",
         "built-in task: sarcasm, siqa, quartz or logiqa; several joined by + train on their "
@@ -155,13 +165,16 @@ class TrainOptions:
     scoring: str = _opt("loglik", "multiple-choice scoring", choices=("loglik", "generate"))
     eval_batch_size: int = _opt(16, "evaluation batch size")
     progress: bool = _opt(True, "show progress bars")
+    dry_run: bool = _opt(
+        False, "resolve everything on the meta device; print parameters and a memory estimate"
+    )
 
     def __post_init__(self) -> None:
         """Check every option once, naming its flag and the accepted values."""
         for name in ("model", "task", "output", "scheduler", "router", "scoring"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{_flag(name)}: must be a non-empty string")
-        for name in ("template", "router", "scoring", "experts_structure"):
+        for name in ("template", "router", "scoring", "experts_structure", "dtype"):
             choices = _FIELDS[name].metadata["choices"]
             if name == "template" and self.template is None:
                 continue  # chosen from the data: chat for conversations, else alpaca
@@ -174,6 +187,9 @@ class TrainOptions:
                 f"--aux-loss-reduction: {self.aux_loss_reduction!r} is not one of "
                 f"{', '.join(REDUCTIONS)}"
             )
+        quant_bits(self.load_in_4bit, self.load_in_8bit)
+        if self.revision is not None and not str(self.revision).strip():
+            raise ValueError("--revision: empty; give a branch, tag or commit")
         if self.data is None and self.task not in TASKS:
             from mola.data.mixture import task_names
 
@@ -290,6 +306,16 @@ class TrainOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def load_options(self, device: str = "auto") -> LoadOptions:
+        """How to load the base model: ``--revision``, ``--dtype``, ``--load-in-4bit/8bit``."""
+        return LoadOptions(
+            revision=self.revision,
+            dtype=self.dtype,
+            load_in_4bit=self.load_in_4bit,
+            load_in_8bit=self.load_in_8bit,
+            device=device,
+        )
 
 
 def parse_patterns(text: str | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from mola.data.sources import load_examples
 from mola.evaluation.evaluate import evaluate
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
+from mola.models.precision import prepare_kbit_training, quantized_bits
 from mola.training.options import TrainOptions
 from mola.training.outputs import check_output, clear_previous_run, notes
 from mola.training.trackers import check_installed as check_trackers
@@ -80,6 +81,10 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     check_trackers(parse_report_to(opts.report_to))  # a missing package fails before the work
     set_seed(opts.seed)
     main = is_main_process()
+    if opts.dry_run:
+        from mola.training.dry_run import dry_run
+
+        return dry_run(opts, show=main)
     if not main:
         opts = dataclasses.replace(opts, progress=False)
     if main:
@@ -94,7 +99,11 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         opts = dataclasses.replace(opts, template=default_template(train_examples))
     evaluated = [e for examples in (eval_examples or {}).values() for e in examples]
     check_template_fits(train_examples + evaluated, opts.template)
-    base, tokenizer = load_base(opts.model, progress=opts.progress)
+    base, tokenizer = load_base(
+        opts.model, progress=opts.progress, options=opts.load_options(training_device(opts))
+    )
+    if quantized_bits(base) is not None:
+        prepare_kbit_training(base, opts.gradient_checkpointing)
     if opts.allocation:  # a list of another length would be read as layer groups
         from mola.core.allocation_file import check_fits
 
@@ -141,6 +150,7 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         print(
             f"mola: {_plural(len(train_examples), 'training example')}; experts per layer "
             f"{model.allocation['num_experts']}; trainable params {trainable:,d} of {total:,d}"
+            f"; base {_base_kind(base)}"
         )
     rows = encode_training_set(
         tokenizer,
@@ -186,6 +196,16 @@ def mixture_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def training_device(opts: TrainOptions) -> str:
+    """Where the base model is loaded for training: the CPU (the Trainer moves it), except a
+    quantized base, which bitsandbytes quantizes on its device: this process's GPU."""
+    import torch
+
+    if not (opts.load_in_4bit or opts.load_in_8bit) or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def build_model(base: Any, config: MolaConfig, opts: TrainOptions) -> MolaModel:
     """A fresh adapter, or with ``--init-from`` the saved one (its own config and weights) with
     its experts frozen unless ``--train-experts``: routers only, as for composed LoRAs."""
@@ -195,6 +215,15 @@ def build_model(base: Any, config: MolaConfig, opts: TrainOptions) -> MolaModel:
     if not opts.train_experts:
         freeze_experts(model)
     return model
+
+
+def _base_kind(base: Any) -> str:
+    """``float32``, ``bfloat16``, ``4-bit nf4`` or ``8-bit``: how the frozen base is stored."""
+    bits = quantized_bits(base)
+    if bits is not None:
+        return "4-bit nf4" if bits == 4 else "8-bit"
+    param = next(iter(base.parameters()), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else "?"
 
 
 def _plural(count: int, noun: str) -> str:
