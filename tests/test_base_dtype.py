@@ -22,7 +22,10 @@ TOLERANCE = {torch.bfloat16: 0.08, torch.float16: 0.01}
 weights (bf16 keeps 8 mantissa bits, ~0.4% per rounding, and the errors add up over 4 layers;
 a token near a routing tie can switch experts, which top-1 routers (switch, core's) feel most).
 Measured on this tiny model: bf16 0.7-2% for the soft and top-k routers, 5% for switch and core;
-fp16 0.1-0.4%."""
+fp16 0.1-0.4%. SMoRA's rank-wise routing (top-2 of 8 rank-1 experts by sigmoid scores, gates
+summing to k) flips most: 6.5-7.1% in bf16, so its bound is :data:`RANKWISE_FACTOR` times wider;
+each layer is still held to its definition within :data:`LAYER_TOLERANCE`."""
+RANKWISE_FACTOR = 1.5
 LAYER_TOLERANCE = 1e-2
 """Largest relative L2 difference of one layer's output from its definition (one rounding of the
 sum to the base dtype)."""
@@ -51,6 +54,9 @@ def test_every_registered_router_and_structure_is_covered():
 
 
 def _trained_adapter(settings: dict, tmp_path):
+    # SMoRA's sigmoid scores saturate when the router is scaled up: many ranks then score ~1 and
+    # tie, the opposite of what spreading the logits does for softmax routers
+    sigmoid_scores = settings.get("experts_structure") == "rankwise"
     base, targets, _ = build("llama")
     model = get_mola_model(copy.deepcopy(base), MolaConfig(target_modules=targets, **settings))
     torch.manual_seed(1)
@@ -58,7 +64,7 @@ def _trained_adapter(settings: dict, tmp_path):
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
                 p.add_(torch.randn_like(p) * B_SCALE)  # a visible update
-            elif p.requires_grad and "router" in name:
+            elif p.requires_grad and "router" in name and not sigmoid_scores:
                 p.mul_(3.0)  # spread-out routers: few near-ties for bf16 rounding to flip
     model.save_pretrained(tmp_path)
     return base, model.eval()
@@ -99,7 +105,8 @@ def test_low_precision_base_matches_fp32_base(kind, name, settings, dtype, tmp_p
     assert got.dtype == dtype
     rel = ((got.float() - want).norm() / want.norm()).item()
     print(f"{name} {dtype}: relative logit difference {rel:.4f}")
-    assert rel < TOLERANCE[dtype], f"{name}: relative logit difference {rel:.4f}"
+    limit = TOLERANCE[dtype] * (RANKWISE_FACTOR if name == "rankwise" else 1.0)
+    assert rel < limit, f"{name}: relative logit difference {rel:.4f}"
 
 
 @pytest.mark.parametrize("name", ["topk", "soft"])
