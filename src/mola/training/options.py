@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import yaml
 
 from mola.core.allocation import check_spec
-from mola.core.config import LLAMA_TARGETS, MolaConfig, check_number, check_top_k
+from mola.core.checks import check_number, check_top_k
+from mola.core.config import LLAMA_TARGETS, MolaConfig
 from mola.data.columns import parse_columns
 from mola.data.datasets import TASKS
 from mola.data.prompts import TEMPLATES
