@@ -134,15 +134,15 @@ def test_eval_reloads_adapter_with_identical_metrics(
 
 
 def test_eval_with_and_without_input_groups_scores_alike(trained, files, tmp_path):
-    """Grouped modules (the default) give the per-module path's log-likelihoods."""
+    """Grouped modules (--group-inputs) give the per-module path's log-likelihoods."""
     records = {}
-    for flag in ([], ["--no-group-inputs"]):
+    for flag in ([], ["--group-inputs"]):
         out = tmp_path / ("eval" + "".join(flag))
         args = ["eval", "--adapter", str(trained), "--data", str(files / "mc.jsonl")]
         assert main([*args, "--output", str(out), "--no-progress", *flag]) == 0
         lines = (out / "predictions.jsonl").read_text().splitlines()
         records[bool(flag)] = [json.loads(line)["logprobs"] for line in lines]
-    for grouped, alone in zip(records[False], records[True], strict=True):
+    for alone, grouped in zip(records[False], records[True], strict=True):
         assert grouped == pytest.approx(alone, rel=1e-5, abs=1e-5)
 
 

@@ -249,3 +249,32 @@ def test_a_group_needs_two_modules_of_one_width():
         InputGroup([MolaLinear(nn.Linear(4, 4), 2, r=2)])
     with pytest.raises(ValueError, match="different widths"):
         InputGroup([MolaLinear(nn.Linear(4, 4), 2, r=2), MolaLinear(nn.Linear(5, 4), 2, r=2)])
+
+
+@pytest.mark.parametrize("tokens", [1, 40], ids=["block-diagonal", "per-member"])
+@pytest.mark.parametrize("config", [{}, {"num_experts": [1, 2, 3, 4], "top_k": 1}])
+def test_both_ways_of_adding_the_updates_equal_the_per_module_path(tokens, config):
+    from mola.inference.fused import BLOCK_DIAGONAL_ROWS
+
+    assert 1 <= BLOCK_DIAGONAL_ROWS < 40  # one test per way
+    model = adapted("llama", **config)
+    ids = torch.randint(0, 97, (1, tokens), generator=torch.Generator().manual_seed(4))
+    ref = logits(model, ids)
+    names = group_inputs(model)
+    torch.testing.assert_close(logits(model, ids), ref, rtol=1e-5, atol=1e-5)
+    assert calls(model) == len(names)
+
+
+def test_the_command_line_groups_only_when_asked_and_never_with_compile():
+    from argparse import Namespace
+
+    from mola.inference.fused import group_for_cli
+
+    for args, grouped in [
+        (Namespace(group_inputs=False, compile=None), False),
+        (Namespace(group_inputs=True, compile="inductor"), False),
+        (Namespace(group_inputs=True, compile=None), True),
+    ]:
+        model = adapted("llama")
+        group_for_cli(model, args)
+        assert bool(groups_of(model)) == grouped

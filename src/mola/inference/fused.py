@@ -91,6 +91,12 @@ def find_input_groups(
     return [members for members in groups.values() if len(members) > 1]
 
 
+BLOCK_DIAGONAL_ROWS = 16
+"""Up to this many tokens a group adds its updates with one block-diagonal ``addmm`` (decoding:
+launches dominate); beyond it, one ``addmm`` per member on its own block (prefill and scoring:
+the zero blocks would be arithmetic for nothing)."""
+
+
 def _version(x: Tensor) -> int:
     """``x``'s version counter; inference tensors have none (identity alone then says it is the
     same input: nothing writes into a module's input between its readers' calls)."""
@@ -231,6 +237,7 @@ class InputGroup:
             "outs": [m.out_features for m in members],
             "rows": [0 if w is None else w.shape[0] for w in routers],
             "cols": [m.experts.down_weight().shape[0] for m in members],
+            "widths": [m.experts.up_weight().shape[1] for m in members],
             "fused_topk": shape.pop() if len(shape) == 1 and None not in shape else None,
         }
 
@@ -265,10 +272,18 @@ class InputGroup:
                 parts.append(m.experts.combine(z_m))
                 r0, c0 = r0 + rows_m, c0 + cols
             z = torch.cat(parts, dim=1)
-        if out.dtype == z.dtype == w["up"].dtype:
-            out.addmm_(z, w["up"])
-        else:
-            out += torch.mm(z, w["up"]).to(out.dtype)
+        up = w["up"]
+        if out.dtype != z.dtype or up.dtype != z.dtype:
+            out += torch.mm(z, up).to(out.dtype)
+        elif n <= BLOCK_DIAGONAL_ROWS:  # few tokens (decoding): one kernel beats less arithmetic
+            out.addmm_(z, up)
+        else:  # many tokens: each member's own block, none of the zeros (views, no copies)
+            c0 = o0 = 0
+            for width, d_out in zip(w["widths"], w["outs"], strict=True):
+                out[:, o0 : o0 + d_out].addmm_(
+                    z[:, c0 : c0 + width], up[c0 : c0 + width, o0 : o0 + d_out]
+                )
+                c0, o0 = c0 + width, o0 + d_out
         outputs, start = {}, 0
         for m, d_out in zip(members, w["outs"], strict=True):
             outputs[id(m)] = out[:, start : start + d_out].view(*lead, d_out)
@@ -303,20 +318,20 @@ def ungroup_inputs(model: nn.Module) -> None:
 
 
 GROUP_HELP = (
-    "run each adapted module on its own instead of grouping those that read the same input "
-    "(q/k/v, gate/up: one matmul each for the group); grouping is exact and on by default, "
-    "off with --compile"
+    "run adapted modules that read the same input as one (q/k/v, gate/up: one matmul each for "
+    "the group; exact); not with --compile. On a 2-core CPU it did not reliably pay off "
+    "(docs/inference.md)"
 )
 
 
 def add_group_argument(parser: Any) -> None:
-    """``--no-group-inputs`` (see :data:`GROUP_HELP`)."""
-    parser.add_argument("--no-group-inputs", action="store_true", help=GROUP_HELP)
+    """``--group-inputs`` (see :data:`GROUP_HELP`)."""
+    parser.add_argument("--group-inputs", action="store_true", help=GROUP_HELP)
 
 
 def group_for_cli(model: nn.Module, args: Any) -> None:
-    """Group the model's inputs unless ``--no-group-inputs`` or ``--compile`` was given."""
-    if getattr(args, "no_group_inputs", False) or getattr(args, "compile", None):
+    """Group the model's inputs when ``--group-inputs`` was given (not with ``--compile``)."""
+    if not getattr(args, "group_inputs", False) or getattr(args, "compile", None):
         return
     if any(True for _ in _mola_layers(model)):
         group_inputs(model)
