@@ -128,9 +128,13 @@ class _Data:
     def examples(self) -> list[Any]:
         if self._examples is None:
             from mola.data.datasets import limit_examples, load_examples
+            from mola.data.mixture import interleave, is_mixture, task_test_splits
 
             args = self.args
-            examples = load_examples(None if args.data else args.task, args.data, "test")
+            if not args.data and is_mixture(args.task):  # every task in equal parts
+                examples = interleave(task_test_splits(args.task).values())
+            else:
+                examples = load_examples(None if args.data else args.task, args.data, "test")
             self._examples = limit_examples(examples, args.limit or None)
         return self._examples
 

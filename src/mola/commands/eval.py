@@ -12,9 +12,10 @@ import os
 from typing import Any
 
 from mola.data.datasets import limit_examples
+from mola.data.mixture import is_mixture, task_test_splits
 from mola.data.prompts import TEMPLATES, default_template
 from mola.data.sources import load_examples
-from mola.evaluation.evaluate import SCORINGS, evaluate
+from mola.evaluation.evaluate import SCORINGS, evaluate_tasks
 from mola.inference.compiled import add_compile_argument, compile_for_cli
 from mola.inference.fused import add_group_argument, group_for_cli
 from mola.models.hub import DEFAULT_MODEL
@@ -29,7 +30,12 @@ HELP = "evaluate an adapter (or the base model) on a task or file"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="adapter directory (omit for the base model)")
     parser.add_argument("--model", help=f"base model (default: the adapter's, or {DEFAULT_MODEL})")
-    parser.add_argument("--task", default="sarcasm", help="built-in task (default: sarcasm)")
+    parser.add_argument(
+        "--task",
+        default="sarcasm",
+        help="built-in task; several joined by + are each scored on their own split, reported "
+        "as <task>_<metric> and averaged (default: sarcasm)",
+    )
     parser.add_argument(
         "--data",
         help="evaluation data: JSON/JSONL/CSV/Parquet file, save_to_disk dir or Hub id ORG/NAME; "
@@ -43,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-columns", help="rename columns to mola's fields: question=query,answer=label"
     )
-    parser.add_argument("--limit", type=int, help="evaluate the first N examples")
+    parser.add_argument("--limit", type=int, help="evaluate the first N examples (of each task, for a mixture a+b)")
     parser.add_argument(
         "--template",
         choices=TEMPLATES,
@@ -122,23 +128,16 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.harness:
         return _run_harness(args, output, progress, load)
-    examples = load_examples(
-        args.task,
-        args.data,
-        args.split,
-        data_split=args.data_split or args.split,
-        data_config=args.data_config,
-        data_columns=args.data_columns,
-    )
-    examples = limit_examples(examples, args.limit)
+    sets = _eval_sets(args)
+    examples = [e for task_examples in sets.values() for e in task_examples]
     template = args.template or training_template(args.adapter) or default_template(examples)
     model, tokenizer = _load_model(args, progress, load)
     compile_for_cli(model, args.compile)
     group_for_cli(model, args)
-    metrics, records = evaluate(
+    metrics, records = evaluate_tasks(
         model,
         tokenizer,
-        examples,
+        sets,
         template=template,
         scoring=args.scoring,
         batch_size=args.batch_size,
@@ -162,6 +161,23 @@ def run(args: argparse.Namespace) -> int:
     write_jsonl(os.path.join(output, "predictions.jsonl"), records)
     print(f"wrote {os.path.join(output, 'metrics.json')} and predictions.jsonl")
     return 0
+
+
+def _eval_sets(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """The examples to score by task: a mixture ``a+b`` scores each task's split on its own
+    (``--limit`` items of each, as training's ``--eval-limit``); else one set under ``""``."""
+    if not args.data and is_mixture(args.task):
+        splits = task_test_splits(args.task, args.split)
+        return {name: limit_examples(examples, args.limit) for name, examples in splits.items()}
+    examples = load_examples(
+        args.task,
+        args.data,
+        args.split,
+        data_split=args.data_split or args.split,
+        data_config=args.data_config,
+        data_columns=args.data_columns,
+    )
+    return {"": limit_examples(examples, args.limit)}
 
 
 def _load_model(args: argparse.Namespace, progress: bool, load: Any) -> tuple[Any, Any]:

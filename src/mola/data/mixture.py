@@ -9,6 +9,7 @@ task on its own (:func:`task_test_splits`), as ``<task>_<metric>``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import zip_longest
 
 from mola.data.datasets import TASKS, DataError, Example, load_task
@@ -45,9 +46,15 @@ def load_mixture(task: str, split: str) -> list[Example]:
     splits = [load_task(name, split) for name in task_names(task)]
     if split == "test":
         return [example for examples in splits for example in examples]
+    return interleave(splits)
+
+
+def interleave(splits: Iterable[list[Example]]) -> list[Example]:
+    """One item of each split in turn while each has items left, then the rest of the longer."""
     return [example for group in zip_longest(*splits) for example in group if example is not None]
 
 
-def task_test_splits(task: str) -> dict[str, list[Example]]:
-    """Each task's test split, by task name (one entry for a single task)."""
-    return {name: load_task(name, "test") for name in task_names(task)}
+def task_test_splits(task: str, split: str = "test") -> dict[str, list[Example]]:
+    """Each task's ``split`` (its test split by default), by task name (one entry for a single
+    task)."""
+    return {name: load_task(name, split) for name in task_names(task)}

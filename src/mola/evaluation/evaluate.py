@@ -62,6 +62,52 @@ def evaluate(
     return response_loss(model, tokenizer, examples, template, batch_size, cutoff_len, progress)
 
 
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sets: dict[str, Sequence[Example]],
+    **kwargs: Any,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """:func:`evaluate` on each named set, e.g. each task of a mixture on its own test split.
+
+    Args:
+        sets: Examples by task name; a single key ``""`` is one plain set (a single task or an
+            evaluation file), scored and reported as :func:`evaluate` does.
+        **kwargs: :func:`evaluate`'s keyword arguments.
+
+    Returns:
+        ``(metrics, records)``: for several tasks, :func:`mixture_metrics` of the per-task
+        metrics, and every record with its ``task``; for ``{"": examples}``, :func:`evaluate`'s.
+    """
+    if not sets:
+        raise DataError("nothing to evaluate: no task or evaluation set given")
+    per_task: dict[str, dict[str, float]] = {}
+    records: list[dict[str, Any]] = []
+    for task, examples in sets.items():
+        metrics, task_records = evaluate(model, tokenizer, examples, **kwargs)
+        per_task[task] = metrics
+        records += [{"task": task, **r} if task else r for r in task_records]
+    if "" in per_task:
+        if len(per_task) > 1:
+            raise DataError("a plain evaluation set ('') cannot be mixed with named tasks")
+        return per_task[""], records
+    return mixture_metrics(per_task), records
+
+
+def mixture_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A mixture's metrics: each task's as ``<task>_<metric>``, and the metrics every task has
+    averaged over the tasks (each task weighs the same); ``n`` is the items scored in all."""
+    out: dict[str, float] = {}
+    shared = [m for m in next(iter(per_task.values())) if all(m in t for t in per_task.values())]
+    for metric in shared:
+        if metric != "n":
+            out[metric] = sum(t[metric] for t in per_task.values()) / len(per_task)
+    out["n"] = sum(int(t.get("n", 0)) for t in per_task.values())
+    for task, metrics in per_task.items():
+        out.update({f"{task}_{k}": v for k, v in metrics.items()})
+    return out
+
+
 def response_loss(
     model: torch.nn.Module,
     tokenizer: Any,

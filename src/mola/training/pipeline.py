@@ -22,7 +22,7 @@ from mola.data.prompts import (
     encode_training_set,
 )
 from mola.data.sources import load_examples
-from mola.evaluation.evaluate import evaluate
+from mola.evaluation.evaluate import evaluate_tasks
 from mola.experts.pretrained import freeze_experts
 from mola.models.loading import load_base
 from mola.models.precision import prepare_kbit_training, quantized_bits
@@ -118,23 +118,18 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
         write_text(os.path.join(opts.output, "train_config.yaml"), yaml.safe_dump(opts.to_dict()))
 
     def run_eval(model: Any, name: str) -> dict[str, float]:
-        per_task: dict[str, dict[str, float]] = {}
-        records: list[dict[str, Any]] = []
-        for task, examples in eval_examples.items():
-            metrics, task_records = evaluate(
-                model,
-                tokenizer,
-                examples,
-                template=opts.template,
-                scoring=opts.scoring,
-                batch_size=opts.eval_batch_size,
-                cutoff_len=opts.cutoff_len,
-                progress=opts.progress,
-            )
-            per_task[task] = metrics
-            records += [{"task": task, **r} if task else r for r in task_records]
+        metrics, records = evaluate_tasks(
+            model,
+            tokenizer,
+            eval_examples,
+            template=opts.template,
+            scoring=opts.scoring,
+            batch_size=opts.eval_batch_size,
+            cutoff_len=opts.cutoff_len,
+            progress=opts.progress,
+        )
         write_jsonl(os.path.join(opts.output, f"predictions_{name}.jsonl"), records)
-        return per_task[""] if "" in per_task else mixture_metrics(per_task)
+        return metrics
 
     results: dict[str, Any] = {"options": opts.to_dict()}
     timings: dict[str, float] = {}
@@ -180,20 +175,6 @@ def run_training(opts: TrainOptions) -> dict[str, Any]:
     results["timings"] = timings
     write_json(os.path.join(opts.output, "metrics.json"), results)
     return results
-
-
-def mixture_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
-    """A mixture's metrics: each task's as ``<task>_<metric>``, and the metrics every task has
-    averaged over the tasks (each task weighs the same); ``n`` is the items scored in all."""
-    out: dict[str, float] = {}
-    shared = [m for m in next(iter(per_task.values())) if all(m in t for t in per_task.values())]
-    for metric in shared:
-        if metric != "n":
-            out[metric] = sum(t[metric] for t in per_task.values()) / len(per_task)
-    out["n"] = sum(int(t.get("n", 0)) for t in per_task.values())
-    for task, metrics in per_task.items():
-        out.update({f"{task}_{k}": v for k, v in metrics.items()})
-    return out
 
 
 def training_device(opts: TrainOptions) -> str:
