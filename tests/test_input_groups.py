@@ -244,6 +244,37 @@ def test_base_weights_become_views_without_a_copy_and_ungroup_restores_them():
     assert all(getattr(layer.self_attn, n).input_group is None for n in ("q_proj", "k_proj"))
 
 
+@pytest.mark.parametrize("change", ["replace-bias", "add-bias", "drop-bias"])
+def test_a_bias_changed_outright_is_seen_and_the_group_steps_aside(change):
+    """Biased bases are stacked too; replacing a member's bias Parameter outright (not in place)
+    leaves the stacked copy stale, so the group must decline and the module answer alone."""
+    torch.manual_seed(0)
+    members = [MolaLinear(nn.Linear(6, n, bias=n != 4), 3, r=2, top_k=2).eval() for n in (5, 4, 7)]
+    for m in members:
+        with torch.no_grad():
+            m.experts.lora_B.normal_()
+    group = InputGroup(members)
+    for m in members:
+        m.input_group = group
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        _ = [m(x) for m in members]
+    assert group.calls == 1  # grouped while the bases are in place
+    target = members[1] if change == "add-bias" else members[0]
+    if change == "drop-bias":
+        target.base_layer.bias = None
+    else:
+        new = torch.randn(target.out_features)
+        target.base_layer.bias = nn.Parameter(new, requires_grad=False)
+    with torch.no_grad():
+        got = [m(x) for m in members]
+    assert group.calls == 1  # declined: every module took its own path
+    for m, out in zip(members, got, strict=True):
+        m.input_group = None
+        with torch.no_grad():
+            assert torch.allclose(out, m(x), atol=1e-6)
+
+
 def test_a_group_needs_two_modules_of_one_width():
     with pytest.raises(ValueError, match="at least two"):
         InputGroup([MolaLinear(nn.Linear(4, 4), 2, r=2)])

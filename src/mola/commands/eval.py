@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-columns", help="rename columns to mola's fields: question=query,answer=label"
     )
-    parser.add_argument("--limit", type=int, help="evaluate the first N examples (of each task, for a mixture a+b)")
+    parser.add_argument(
+        "--limit", type=int, help="evaluate the first N examples (of each task, for a mixture a+b)"
+    )
     parser.add_argument(
         "--template",
         choices=TEMPLATES,

@@ -139,6 +139,7 @@ class InputGroup:
         d_in = {m.in_features for m in self.members}
         if len(d_in) != 1:
             raise ValueError(f"input group: members read different widths {sorted(d_in)}")
+        self._had_bias = [m.base_layer.bias is not None for m in self.members]
         self.base_weight, self.base_bias = self._stack_bases()
         self.weights = DerivedWeights()
         self._x: Tensor | None = None
@@ -173,15 +174,22 @@ class InputGroup:
         return weight, bias
 
     def _bases_in_place(self) -> bool:
-        """Whether every member's base still reads its rows of the stacked weight."""
+        """Whether every member's base still reads its rows of the stacked weight and bias
+        (a member stacked without a bias must still have none: its rows of the bias are 0)."""
         if self.base_weight is None:
             return False
         ptr, row = self.base_weight.data_ptr(), self.base_weight.stride(0)
         start = 0
-        for m in self.members:
-            w = m.base_layer.weight
+        for m, had_bias in zip(self.members, self._had_bias, strict=True):
+            w, b = m.base_layer.weight, m.base_layer.bias
             if w.data_ptr() != ptr + start * row * w.element_size():
                 return False
+            if (b is not None) != had_bias:
+                return False
+            if b is not None and self.base_bias is not None:
+                at = self.base_bias.data_ptr() + start * b.element_size()
+                if b.data_ptr() != at:
+                    return False
             start += w.shape[0]
         return True
 
