@@ -130,6 +130,8 @@ def test_sweep_on_a_mixture_reports_each_task(tmp_path, tiny_llama_dir, capsys):
         right = [r["correct"] for r in records if r["task"] == task]
         assert metrics[f"{task}_accuracy"] == pytest.approx(sum(right) / 6)
 
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert "siqa_accuracy_mean" in header and not any(c.startswith("siqa_n") for c in header)
     paired = json.loads((out / "results.json").read_text())["paired"]["groups"][0]
     assert paired["variant"] == "two"
     assert set(paired["items"]) == {"accuracy", "siqa_accuracy", "quartz_accuracy"}

@@ -65,16 +65,21 @@ class Group:
 
 
 def run_values(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of one finished run that the table averages."""
+    """The numbers of one finished run that the table averages (not the item counts: ``n``, and
+    ``<task>_n`` for a mixture)."""
     out = {
         k: float(v)
         for k, v in (metrics.get("fine_tuned") or {}).items()
-        if k != "n" and isinstance(v, int | float) and not isinstance(v, bool)
+        if not _is_count(k) and isinstance(v, int | float) and not isinstance(v, bool)
     }
     train_s = (metrics.get("timings") or {}).get(TIME_METRIC)
     if isinstance(train_s, int | float):
         out[TIME_METRIC] = float(train_s)
     return out
+
+
+def _is_count(metric: str) -> bool:
+    return metric == "n" or metric.endswith("_n")
 
 
 def total_experts(metrics: dict[str, Any]) -> int | None:
