@@ -173,6 +173,20 @@ def test_capacity_sweep_file_loads_stage_one_first():
         assert sum(int(n) for n in shapes[shape].split(",")) == 150 == 5 * 30  # square's budget
 
 
+def test_rank_one_pilot_is_the_capacity_recipe_at_rank_one():
+    from mola.sweep import load_spec
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
+    main_runs = load_spec(str(root / "capacity.yaml")).runs()
+    pilot = load_spec(str(root / "capacity_r1.yaml")).runs()
+    assert [r.labels["variant"] for r in pilot[:2]] == ["lora-r1", "square-r1"]
+    same = ("task", "template", "lr", "max_steps", "batch_size", "train_limit", "cutoff_len")
+    for run in pilot:
+        assert {k: run.options[k] for k in same} == {k: main_runs[0].options[k] for k in same}
+        assert str(run.options["r"]) == "1" and float(run.options["alpha"]) == 2.0  # alpha/r = 2
+        assert run.output.startswith("docs/study2/pilot-r1")
+
+
 @needs_evals
 def test_eval_scores_each_task_of_a_mixture(tmp_path, tiny_llama_dir):
     """``mola eval --task siqa+quartz`` scores each task on its own, as training does: per task
