@@ -222,3 +222,22 @@ def test_analyze_takes_a_mixture_in_equal_parts():
     siqa, quartz = load_task("siqa", "test"), load_task("quartz", "test")
     expected = [e.instruction for pair in zip(siqa[:3], quartz[:3], strict=True) for e in pair]
     assert got == expected
+
+
+@pytest.mark.parametrize("tasks", [[], ["siqa", "quartz"], ["sarcasm", "siqa", "quartz"]])
+def test_results_figure_has_a_panel_per_task(tasks):
+    from mola.sweep.aggregate import Group
+    from mola.sweep.report import results_figure
+
+    groups = []
+    for name, shift in (("lora", 0.0), ("square", 0.02)):
+        values = {"accuracy": [0.5 + shift, 0.52 + shift], "train_s": [10.0, 11.0]}
+        values.update({f"{t}_accuracy": [0.4 + shift, 0.45] for t in tasks})
+        values.update({f"{t}_accuracy_norm": [0.4, 0.4] for t in tasks})  # not a panel
+        groups.append(Group(labels={"variant": name}, runs=["r1", "r2"], values=values))
+    fig = results_figure(groups, ["variant"], list(groups[0].values))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 1 + len(tasks)
+    assert titles == (["mean of the tasks", *tasks] if tasks else [""])
+    bars = [p.get_height() for p in fig.axes[0].patches]
+    assert bars == pytest.approx([0.51, 0.53])  # the mean over seeds, per group

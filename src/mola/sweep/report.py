@@ -273,39 +273,54 @@ def write_report(
 
 
 def plot_results(groups: list[Group], keys: list[str], metrics: list[str], path: str) -> None:
-    """Bars of the first metric (``accuracy`` when present), mean with ±1 std error bars."""
+    """``results.png``: :func:`results_figure` written atomically."""
+    fig = results_figure(groups, keys, metrics)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def results_figure(groups: list[Group], keys: list[str], metrics: list[str]) -> Any:
+    """Bars of the first metric (``accuracy`` when present), mean with ±1 std error bars; for
+    runs that scored several tasks, one more panel per ``<task>_accuracy`` beside it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    scores = [m for m in metrics if m != TIME_METRIC]
-    metric = "accuracy" if "accuracy" in scores else (scores[0] if scores else None)
-    fig = Figure(figsize=(max(4.0, 0.7 * len(groups) + 2), 4.0), dpi=100)
+    panels = paired_metrics(metrics)
+    width = max(4.0, 0.7 * len(groups) + 2)
+    fig = Figure(figsize=(width * max(1, len(panels)) * (0.75 if len(panels) > 1 else 1), 4.0))
+    fig.set_dpi(100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if metric is None:
+    if not panels:
+        ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no finished runs", ha="center", va="center")
         ax.set_axis_off()
-    else:
-        means = [g.mean(metric) or 0.0 for g in groups]
-        errs = [g.std(metric) or 0.0 for g in groups]
-        labels = ["\n".join(g.labels.get(k, "") for k in keys) + f"\nn={g.n}" for g in groups]
-        shade = keys[-1] if len(keys) > 1 else None  # e.g. colour by task when arms x tasks
-        kinds = list(dict.fromkeys(g.labels.get(shade, "") for g in groups)) if shade else [""]
-        palette = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
-        colors = [
-            palette[kinds.index(g.labels.get(shade, "")) % len(palette)] if shade else palette[0]
-            for g in groups
-        ]
-        ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color=colors)
-        ax.set_xticks(range(len(groups)), labels, fontsize=7)
-        ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-        low = min(m - e for m, e in zip(means, errs, strict=True))
-        high = max(m + e for m, e in zip(means, errs, strict=True))
-        pad = max(0.02, 0.15 * (high - low))
-        ax.set_ylim(max(0.0, low - pad), high + pad)
-        ax.grid(axis="y", alpha=0.3)
+    for i, metric in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _bars(ax, groups, keys, metric)
+        if len(panels) > 1:
+            ax.set_title("mean of the tasks" if i == 0 else metric.removesuffix("_accuracy"))
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return fig
+
+
+def _bars(ax: Any, groups: list[Group], keys: list[str], metric: str) -> None:
+    means = [g.mean(metric) or 0.0 for g in groups]
+    errs = [g.std(metric) or 0.0 for g in groups]
+    labels = ["\n".join(g.labels.get(k, "") for k in keys) + f"\nn={g.n}" for g in groups]
+    shade = keys[-1] if len(keys) > 1 else None  # e.g. colour by task when arms x tasks
+    kinds = list(dict.fromkeys(g.labels.get(shade, "") for g in groups)) if shade else [""]
+    palette = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+    colors = [
+        palette[kinds.index(g.labels.get(shade, "")) % len(palette)] if shade else palette[0]
+        for g in groups
+    ]
+    ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color=colors)
+    ax.set_xticks(range(len(groups)), labels, fontsize=7)
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    low = min(m - e for m, e in zip(means, errs, strict=True))
+    high = max(m + e for m, e in zip(means, errs, strict=True))
+    pad = max(0.02, 0.15 * (high - low))
+    ax.set_ylim(max(0.0, low - pad), high + pad)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _num(value: float | int | None) -> str:
