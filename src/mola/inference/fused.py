@@ -186,10 +186,11 @@ class InputGroup:
                 return False
             if (b is not None) != had_bias:
                 return False
-            if b is not None and self.base_bias is not None:
-                at = self.base_bias.data_ptr() + start * b.element_size()
-                if b.data_ptr() != at:
-                    return False
+            if (
+                b is not None
+                and b.data_ptr() != self.base_bias.data_ptr() + start * b.element_size()
+            ):
+                return False
             start += w.shape[0]
         return True
 

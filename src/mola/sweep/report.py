@@ -285,9 +285,8 @@ def results_figure(groups: list[Group], keys: list[str], metrics: list[str]) -> 
     from matplotlib.figure import Figure
 
     panels = paired_metrics(metrics)
-    width = max(4.0, 0.7 * len(groups) + 2)
-    fig = Figure(figsize=(width * max(1, len(panels)) * (0.75 if len(panels) > 1 else 1), 4.0))
-    fig.set_dpi(100)
+    width = max(4.0, 0.7 * len(groups) + 2) * (0.75 * len(panels) if len(panels) > 1 else 1)
+    fig = Figure(figsize=(width, 4.0), dpi=100)
     FigureCanvasAgg(fig)
     if not panels:
         ax = fig.add_subplot()
