@@ -19,6 +19,7 @@ from mola.sweep.items import PREDICTIONS, item_tests
 from mola.sweep.runner import RunState, run_state
 from mola.sweep.stats import (
     mcnemar_exact,
+    no_spread,
     paired_bootstrap,
     t_interval,
     t_quantile,
@@ -74,7 +75,31 @@ def test_t_test_p_by_hand():
     t = mean / (sd / math.sqrt(3))
     assert t_test_p(diffs) == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
     assert round(t_test_p(diffs), 2) == 0.11
-    assert t_test_p([0.1, 0.1]) == 0.0 and t_test_p([0.0, 0.0]) == 1.0 and t_test_p([1.0]) is None
+    assert t_test_p([1.0]) is None
+
+
+@pytest.mark.parametrize(
+    "diffs",
+    [
+        [0.0, 0.0],
+        [0.1, 0.1],
+        # the rank-1 pilot's sarcasm row: two seeds, each +1.2 points, unequal in the last bits
+        [0.668 - 0.656, 0.698 - 0.686],
+        [-0.002, -0.002, -0.002],
+    ],
+)
+def test_no_spread_gives_no_interval_and_no_p(diffs):
+    assert 0 < abs(diffs[0] - diffs[1]) < 1e-12 or diffs[0] == diffs[1]
+    assert no_spread(diffs)
+    assert t_interval(diffs) is None and t_test_p(diffs) is None
+
+
+def test_small_but_real_spread_keeps_its_interval():
+    diffs = [0.012, 0.014]  # one item apart on a 500-item split
+    assert not no_spread(diffs) and not no_spread([0.5])
+    low, high = t_interval(diffs)
+    assert low < 0.013 < high and high - low > 0.01
+    assert 0 < t_test_p(diffs) < 1
 
 
 def binomial_two_sided(b: int, c: int) -> float:
@@ -256,3 +281,35 @@ def test_list_names_a_missing_allocation_file_and_goes_on(tmp_path, tiny_llama_d
     assert lines[0].startswith("[1/2] later_seed-1: pending (size unknown: --allocation: file ")
     assert lines[0].endswith("not_yet.yaml not found)")
     assert lines[1].startswith("[2/2] two_seed-1: pending (4 experts, ")
+
+
+def test_report_says_no_spread_instead_of_resolved(tmp_path):
+    """Two seeds, each +1.2 points (the rank-1 pilot's sarcasm row): equal differences are no
+    evidence, so no interval, no p-value and 'n/a (no spread)', not a (near) zero-width 'yes'."""
+    out = tmp_path / "out"
+    sweep = tmp_path / "p.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "grid": {"seed": [1, 2]},
+                "variants": [{"name": "lora", "experts": 1}, {"name": "square", "experts": 5}],
+                "output": str(out),
+            }
+        )
+    )
+    spec = load_spec(str(sweep))
+    runs = spec.runs()
+    accuracy = {("lora", "1"): 0.656, ("lora", "2"): 0.686, ("square", "1"): 0.668,
+                ("square", "2"): 0.698}  # fmt: skip
+    states = {
+        r.name: RunState(
+            "done", {"fine_tuned": {"accuracy": accuracy[(r.labels["variant"], r.labels["seed"])]}}
+        )
+        for r in runs
+    }
+    text = write_report(spec, runs, states, ("variant", "lora"))
+    row = json.loads((out / "results.json").read_text())["paired"]["groups"][0]
+    assert row["diffs"]["accuracy"] == pytest.approx([0.012, 0.012])
+    assert row["accuracy_diff_ci95"] is None and row["accuracy_p"] is None
+    assert row["accuracy_resolved"] is False and row["accuracy_above"] == 2
+    assert "| square | 1,2 | +1.20 | +1.20, +1.20 | 2 of 2 |  | n/a (no spread) |" in text

@@ -226,7 +226,9 @@ def markdown_report(
             "with its 95% t-interval (Student t, seeds - 1 degrees of freedom); 'above': seeds "
             "on which it beat the baseline; 'p': the paired t-test's two-sided p-value; "
             "'resolved': the interval excludes 0 (else the difference is not detected, and not "
-            "refuted either: any true difference inside the interval fits the data).",
+            "refuted either: any true difference inside the interval fits the data); 'n/a (no "
+            "spread)': the seeds' differences are all equal, which says nothing about the noise, "
+            "so no interval and no p-value.",
         ]
         if any(items):
             lines += [
@@ -352,9 +354,8 @@ def _ci(mean: float | None, ci: tuple[float, float] | None, k: float) -> str:
 
 
 def _resolved(p: Paired, metric: str) -> str:
-    ci = p.interval(metric)
-    if ci is None:
-        return "n/a (1 seed)"
+    if p.interval(metric) is None:
+        return "n/a (1 seed)" if len(p.diffs.get(metric) or []) < 2 else "n/a (no spread)"
     return "yes" if p.resolved(metric) else "no"
 
 

@@ -12,7 +12,8 @@
 
 The seeds' interval covers training noise (data order, initial draws); the item-level tests cover
 the test set's sampling error given those runs. A difference is *resolved* when its interval
-excludes zero.
+excludes zero. Seeds whose differences are all equal (:func:`no_spread`) get no interval and no
+p-value: their spread is no estimate of the noise, so they resolve nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
+SPREAD_TOLERANCE = 1e-9
 
 
 def _beta_fraction(a: float, b: float, x: float) -> float:
@@ -98,10 +100,21 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (low + high)
 
 
+def no_spread(values: list[float]) -> bool:
+    """Whether two or more values are equal up to rounding (accuracy differences such as
+    0.658 - 0.648 and 0.668 - 0.658 differ only in the last bits). Their sample standard
+    deviation is then no estimate of the noise: a t-interval of (near) zero width and a p-value
+    of ~1e-14 would be artefacts of two lucky seeds, not evidence."""
+    if len(values) < 2:
+        return False
+    return statistics.stdev(values) <= SPREAD_TOLERANCE * max(1.0, max(abs(v) for v in values))
+
+
 def t_interval(values: list[float], level: float = LEVEL) -> tuple[float, float] | None:
     """The ``level`` confidence interval of the mean of ``values`` (Student t, ``n - 1`` degrees
-    of freedom); ``None`` with fewer than two values."""
-    if len(values) < 2:
+    of freedom); ``None`` with fewer than two values, or when they have no spread
+    (:func:`no_spread`): the data then say nothing about the noise, so no interval."""
+    if len(values) < 2 or no_spread(values):
         return None
     mean = statistics.fmean(values)
     half = t_quantile(0.5 + level / 2.0, len(values) - 1) * statistics.stdev(values)
@@ -111,12 +124,10 @@ def t_interval(values: list[float], level: float = LEVEL) -> tuple[float, float]
 
 def t_test_p(values: list[float]) -> float | None:
     """Two-sided one-sample t-test p-value of ``mean(values) == 0`` (``n - 1`` degrees of
-    freedom); ``None`` with fewer than two values. Equal values give 0 (or 1 when all are 0)."""
-    if len(values) < 2:
+    freedom); ``None`` with fewer than two values or no spread (:func:`no_spread`)."""
+    if len(values) < 2 or no_spread(values):
         return None
     mean, sd = statistics.fmean(values), statistics.stdev(values)
-    if sd == 0.0:
-        return 1.0 if mean == 0.0 else 0.0
     t = abs(mean) / (sd / math.sqrt(len(values)))
     return min(1.0, 2.0 * (1.0 - t_cdf(t, len(values) - 1)))
 
