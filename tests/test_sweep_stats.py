@@ -14,7 +14,13 @@ import yaml
 
 from mola.cli import main
 from mola.sweep import load_spec, write_report
-from mola.sweep.aggregate import Paired, group_runs, groups_from_results, paired_differences
+from mola.sweep.aggregate import (
+    Paired,
+    group_runs,
+    groups_from_results,
+    one_pass_loss,
+    paired_differences,
+)
 from mola.sweep.items import PREDICTIONS, item_tests
 from mola.sweep.runner import RunState, run_state
 from mola.sweep.stats import (
@@ -313,3 +319,68 @@ def test_report_says_no_spread_instead_of_resolved(tmp_path):
     assert row["accuracy_diff_ci95"] is None and row["accuracy_p"] is None
     assert row["accuracy_resolved"] is False and row["accuracy_above"] == 2
     assert "| square | 1,2 | +1.20 | +1.20, +1.20 | 2 of 2 |  | n/a (no spread) |" in text
+
+
+def write_log(run_dir: Path, losses: list[float], epochs: float = 1.0, key: str = "lm_loss"):
+    """A train_log.jsonl as the trainer writes it: a row every 10 steps, then the summary row."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n = len(losses)
+    rows = [
+        {"loss": v + 0.5, key: v, "epoch": epochs * (i + 1) / n, "step": 10 * (i + 1)}
+        for i, v in enumerate(losses)
+    ]
+    rows.append({"train_runtime": 1.0, "train_loss": 9.0, "epoch": epochs, "step": 10 * n})
+    (run_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_one_pass_loss_reads_the_last_fifth_of_a_one_pass_log(tmp_path):
+    losses = [5.0, 4.0, 3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.2, 2.0]  # steps 10..100
+    write_log(tmp_path / "a", losses)
+    assert one_pass_loss(str(tmp_path / "a")) == pytest.approx((2.2 + 2.0) / 2)  # steps 90, 100
+    assert one_pass_loss(str(tmp_path / "a"), tail=0.5) == pytest.approx(
+        statistics.fmean(losses[5:])
+    )
+    write_log(tmp_path / "b", losses, key="aux_only")  # no lm_loss: the logged loss
+    assert one_pass_loss(str(tmp_path / "b")) == pytest.approx((2.2 + 2.0) / 2 + 0.5)
+    write_log(tmp_path / "c", losses, epochs=2.0)  # items seen twice: not a held-out loss
+    assert one_pass_loss(str(tmp_path / "c")) is None
+    assert one_pass_loss(str(tmp_path / "missing")) is None
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train_log.jsonl").write_text("{not json\n")
+    assert one_pass_loss(str(tmp_path / "d")) is None
+
+
+def test_report_pairs_the_one_pass_loss_lower_is_better(tmp_path):
+    out = tmp_path / "out"
+    sweep = tmp_path / "p.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "grid": {"seed": [1, 2, 3]},
+                "variants": [{"name": "lora", "experts": 1}, {"name": "square", "experts": 5}],
+                "output": str(out),
+            }
+        )
+    )
+    spec = load_spec(str(sweep))
+    runs = spec.runs()
+    tail = {("lora", "1"): 1.97, ("lora", "2"): 1.95, ("lora", "3"): 1.93,
+            ("square", "1"): 1.945, ("square", "2"): 1.93, ("square", "3"): 1.935}  # fmt: skip
+    states = {}
+    for r in runs:
+        key = (r.labels["variant"], r.labels["seed"])
+        write_log(Path(r.output), [3.0] * 8 + [tail[key]] * 2)
+        states[r.name] = RunState("done", {"fine_tuned": {"accuracy": 0.5}})
+    text = write_report(spec, runs, states, ("variant", "lora"))
+    data = json.loads((out / "results.json").read_text())
+    lora = next(g for g in data["groups"] if g["variant"] == "lora")
+    assert lora["values"]["one_pass_loss"] == pytest.approx([1.97, 1.95, 1.93])
+    row = data["paired"]["groups"][0]
+    diffs = [-0.025, -0.02, 0.005]
+    assert row["diffs"]["one_pass_loss"] == pytest.approx(diffs)
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    low, high = mean - 4.303 * sd / 3**0.5, mean + 4.303 * sd / 3**0.5
+    assert row["one_pass_loss_diff_ci95"] == pytest.approx([low, high], abs=1e-4)
+    assert row["one_pass_loss_above"] == 2  # two seeds with a lower loss are ahead
+    assert f"| square | one_pass_loss | 1,2,3 | {mean:+.3f} [{low:+.3f}, {high:+.3f}] |" in text
+    assert "-0.025, -0.020, +0.005 | 2 of 3 |" in text

@@ -15,10 +15,17 @@ the 95% t-interval of the mean difference (:func:`mola.sweep.stats.t_interval`, 
 degrees of freedom) and how many seeds came out above the baseline: a difference whose interval
 holds zero is not resolved. :func:`groups_from_results` rebuilds the groups from a
 ``results.json`` written earlier (its per-seed values), for a report without the run dirs.
+
+A run that saw each training item at most once also gets ``one_pass_loss`` (:func:`one_pass_loss`):
+its mean language-model loss over the last fifth of its logged steps. Each of those batches was
+scored before the model trained on it (progressive validation), so this is a held-out loss, and
+far less noisy than an accuracy over a few hundred items. Lower is better (:data:`LOWER_IS_BETTER`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +35,42 @@ from mola.sweep.spec import SEED_KEY, Run
 from mola.sweep.stats import t_interval, t_test_p
 
 TIME_METRIC = "train_s"
+ONE_PASS_LOSS = "one_pass_loss"
+LOWER_IS_BETTER = frozenset({ONE_PASS_LOSS})
+"""Metrics where a smaller value wins (for "seeds ahead" of a baseline)."""
+TRAIN_LOG = "train_log.jsonl"
+ONE_PASS_TAIL = 0.2
+"""The share of the last logged steps :func:`one_pass_loss` averages."""
+
+
+def one_pass_loss(output: str, tail: float = ONE_PASS_TAIL) -> float | None:
+    """The mean ``lm_loss`` (``loss`` where a run logged no ``lm_loss``) of the logged steps after
+    ``(1 - tail)`` of a run's last logged step, from its ``train_log.jsonl``.
+
+    ``None`` when the log is missing or unreadable, has no loss, or the run went past one epoch
+    (its later batches were seen before, so their loss is no longer a held-out one).
+    """
+    path = os.path.join(output, TRAIN_LOG)
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    if isinstance(row, dict):
+                        rows.append(row)
+    except (OSError, ValueError):
+        return None
+    losses: list[tuple[int, float, float]] = []
+    for row in rows:
+        step, loss = row.get("step"), row.get("lm_loss", row.get("loss"))
+        if isinstance(step, int) and isinstance(loss, int | float):
+            losses.append((step, float(loss), float(row.get("epoch") or 0.0)))
+    if not losses or max(e for _, _, e in losses) > 1.0 + 1e-6:
+        return None
+    last = max(step for step, _, _ in losses)
+    kept = [loss for step, loss, _ in losses if step > (1.0 - tail) * last]
+    return statistics.fmean(kept)
 
 
 def mean_of(values: list[float] | None) -> float | None:
@@ -98,6 +141,9 @@ def group_runs(runs: list[Run], states: dict[str, RunState]) -> list[Group]:
         group.runs.append(run.name)
         group.seeds.append(run.labels.get("seed", str(run.options.get("seed", ""))))
         values = run_values(state.metrics)
+        loss = one_pass_loss(run.output)
+        if loss is not None:
+            values[ONE_PASS_LOSS] = loss
         group.by_seed[group.seeds[-1]] = values
         group.outputs[group.seeds[-1]] = run.output
         for key, value in values.items():
@@ -150,8 +196,10 @@ class Paired:
         return ci is not None and (ci[0] > 0 or ci[1] < 0)
 
     def above(self, metric: str) -> int:
-        """Seeds on which the group beat the baseline."""
-        return sum(1 for d in self.diffs.get(metric) or [] if d > 0)
+        """Seeds on which the group beat the baseline: a higher score, a lower
+        :data:`LOWER_IS_BETTER` metric."""
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        return sum(1 for d in self.diffs.get(metric) or [] if sign * d > 0)
 
 
 def parse_baseline(text: str, keys: list[str]) -> tuple[str, str]:

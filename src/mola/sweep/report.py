@@ -8,8 +8,9 @@ runs that failed or are still to run; it is also what the terminal shows. With a
 every group's per-seed differences from it (:func:`mola.sweep.aggregate.paired_differences`) with
 their 95% t-interval and whether it excludes zero, and, where the runs wrote per-item predictions,
 McNemar's test per seed and a paired bootstrap interval over the test items
-(:mod:`mola.sweep.items`). The paired table shows ``accuracy`` and, for runs that scored several
-tasks, each ``<task>_accuracy``; ``results.json`` has every metric.
+(:mod:`mola.sweep.items`). The paired table shows ``accuracy``, for runs that scored several
+tasks each ``<task>_accuracy``, and for one-pass runs ``one_pass_loss`` (a held-out loss,
+:func:`mola.sweep.aggregate.one_pass_loss`); ``results.json`` has every metric.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 from typing import Any
 
 from mola.sweep.aggregate import (
+    ONE_PASS_LOSS,
     TIME_METRIC,
     Group,
     Paired,
@@ -85,13 +87,14 @@ def baseline_of(runs: list[Run], text: str | None) -> tuple[str, str] | None:
 
 
 def paired_metrics(metrics: list[str]) -> list[str]:
-    """The metrics of the paired table: ``accuracy`` (else the first score) and each
-    ``<task>_accuracy``."""
-    scores = [m for m in metrics if m != TIME_METRIC]
+    """The metrics of the paired table: ``accuracy`` (else the first score), each
+    ``<task>_accuracy``, and ``one_pass_loss`` where the runs have it."""
+    scores = [m for m in metrics if m not in (TIME_METRIC, ONE_PASS_LOSS)]
     if not scores:
         return []
     first = "accuracy" if "accuracy" in scores else scores[0]
-    return [first, *(m for m in scores if m.endswith("_accuracy"))]
+    loss = [ONE_PASS_LOSS] if ONE_PASS_LOSS in metrics else []
+    return [first, *(m for m in scores if m.endswith("_accuracy")), *loss]
 
 
 def paired_table(
@@ -105,7 +108,7 @@ def paired_table(
     items = items or [{} for _ in paired]
     with_items = any(items)
     header = [*keys, "metric"] if len(shown) > 1 else list(keys)
-    header += ["seeds", "Δ mean [95% t-interval]", "per seed", "seeds above", "p", "resolved"]
+    header += ["seeds", "Δ mean [95% t-interval]", "per seed", "seeds ahead", "p", "resolved"]
     if with_items:
         header += ["McNemar p per seed (b/c)", "Δ items bootstrap 95%"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -116,8 +119,9 @@ def paired_table(
                 continue
             cells = [p.labels.get(k, "") for k in keys] + ([metric] if len(shown) > 1 else [])
             k = _scale(metric)
-            cells += [",".join(p.seeds), _ci(p.mean(metric), p.interval(metric), k)]
-            cells.append(", ".join(f"{k * d:+.2f}" for d in diffs))
+            digits = _digits(metric)
+            cells += [",".join(p.seeds), _ci(p.mean(metric), p.interval(metric), k, digits)]
+            cells.append(", ".join(f"{k * d:+.{digits}f}" for d in diffs))
             cells.append(f"{p.above(metric)} of {len(diffs)}")
             p_value = p.p_value(metric)
             cells.append("" if p_value is None else f"{p_value:.2g}")
@@ -131,7 +135,7 @@ def paired_table(
 
 def paired_data(groups: list[Group], baseline: tuple[str, str]) -> dict[str, Any]:
     """``results.json``'s ``paired``: per group, per metric: the per-seed differences, mean, std,
-    95% t-interval, seeds above, whether resolved; and the per-item tests where present."""
+    95% t-interval, seeds ahead, whether resolved; and the per-item tests where present."""
     rows = []
     for p in paired_differences(groups, *baseline):
         tests = item_tests(p)
@@ -223,8 +227,11 @@ def markdown_report(
             "",
             f"Paired with {key}={value} (the same other labels, the same seed): the mean of the "
             "per-seed differences (this group minus the baseline; scores in percentage points) "
-            "with its 95% t-interval (Student t, seeds - 1 degrees of freedom); 'above': seeds "
-            "on which it beat the baseline; 'p': the paired t-test's two-sided p-value; "
+            "with its 95% t-interval (Student t, seeds - 1 degrees of freedom); 'ahead': seeds "
+            "on which it beat the baseline (a higher score, a lower loss); 'one_pass_loss': the "
+            "mean training loss over the last fifth of the steps of a run that saw each item at "
+            "most once, so each batch was scored before the model trained on it (a held-out "
+            "loss); 'p': the paired t-test's two-sided p-value; "
             "'resolved': the interval excludes 0 (else the difference is not detected, and not "
             "refuted either: any true difference inside the interval fits the data); 'n/a (no "
             "spread)': the seeds' differences are all equal, which says nothing about the noise, "
@@ -347,10 +354,16 @@ def _scale(metric: str) -> float:
     return 100.0 if metric.endswith(("accuracy", "accuracy_norm", "f1", "mcc")) else 1.0
 
 
-def _ci(mean: float | None, ci: tuple[float, float] | None, k: float) -> str:
+def _digits(metric: str) -> int:
+    """Decimals of a difference: 2 for scores in points, 3 for a loss (gaps of ~0.01 matter)."""
+    return 2 if _scale(metric) != 1.0 else 3
+
+
+def _ci(mean: float | None, ci: tuple[float, float] | None, k: float, digits: int = 2) -> str:
     if mean is None:
         return ""
-    return f"{k * mean:+.2f}" + (f" [{k * ci[0]:+.2f}, {k * ci[1]:+.2f}]" if ci else "")
+    text = f"{k * mean:+.{digits}f}"
+    return text + (f" [{k * ci[0]:+.{digits}f}, {k * ci[1]:+.{digits}f}]" if ci else "")
 
 
 def _resolved(p: Paired, metric: str) -> str:
