@@ -175,6 +175,7 @@ def test_capacity_sweep_file_loads_stage_one_first():
 
 def test_rank_one_pilot_is_the_capacity_recipe_at_rank_one():
     from mola.sweep import load_spec
+    from mola.sweep.runner import resolved_options, same_options
 
     root = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
     main_runs = load_spec(str(root / "capacity.yaml")).runs()
@@ -183,8 +184,18 @@ def test_rank_one_pilot_is_the_capacity_recipe_at_rank_one():
     same = ("task", "template", "lr", "max_steps", "batch_size", "train_limit", "cutoff_len")
     for run in pilot:
         assert {k: run.options[k] for k in same} == {k: main_runs[0].options[k] for k in same}
-        assert str(run.options["r"]) == "1" and float(run.options["alpha"]) == 2.0  # alpha/r = 2
+        assert float(run.options["alpha"]) == 2.0 * int(run.options["r"])  # alpha / r = 2
         assert run.output.startswith("docs/study2/pilot-r1")
+        if run.labels["variant"] == "lora-r8":
+            # stage 1's own runs, copied: the sweep counts them done only if the options match
+            twin = next(r for r in main_runs if r.name == run.name)
+            assert same_options(resolved_options(twin), resolved_options(run))
+        else:
+            assert str(run.options["r"]) == "1"
+    shapes = {r.labels["variant"]: r.options.get("experts") for r in pilot}
+    for name in ("inverted-triangle-r1", "triangle-r1", "hourglass-r1"):
+        experts = [int(e) for e in str(shapes[name]).split(",")]
+        assert len(experts) == 30 and sum(experts) == 150  # square-r1's 5 x 30
 
 
 @needs_evals
