@@ -195,20 +195,21 @@ def test_item_tests_from_prediction_files(tmp_path):
     assert item_tests(Paired({}, {}, ["1"], {}, [("1", str(tmp_path / "none"), "x")])) == {}
 
 
-def test_report_with_per_item_tests_and_from_results(tmp_path, capsys):
-    out = tmp_path / "out"
+def two_arm_sweep(tmp_path, out, seeds, *arms):
+    """A sweep file over ``seeds`` with one variant per ``(name, experts)`` arm; returns the file,
+    its spec and its runs."""
     sweep = tmp_path / "p.yaml"
+    variants = [{"name": name, "experts": experts} for name, experts in arms]
     sweep.write_text(
-        yaml.safe_dump(
-            {
-                "grid": {"seed": [1, 2, 3]},
-                "variants": [{"name": "square", "experts": 5}, {"name": "tri", "experts": 3}],
-                "output": str(out),
-            }
-        )
+        yaml.safe_dump({"grid": {"seed": seeds}, "variants": variants, "output": str(out)})
     )
     spec = load_spec(str(sweep))
-    runs = spec.runs()
+    return sweep, spec, spec.runs()
+
+
+def test_report_with_per_item_tests_and_from_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    sweep, spec, runs = two_arm_sweep(tmp_path, out, [1, 2, 3], ("square", 5), ("tri", 3))
     right = {  # (variant, seed) -> items right of 8
         ("square", "1"): [1, 0, 1, 0, 1, 0, 1, 0],
         ("square", "2"): [1, 1, 0, 0, 1, 0, 0, 0],
@@ -293,18 +294,7 @@ def test_report_says_no_spread_instead_of_resolved(tmp_path):
     """Two seeds, each +1.2 points (the rank-1 pilot's sarcasm row): equal differences are no
     evidence, so no interval, no p-value and 'n/a (no spread)', not a (near) zero-width 'yes'."""
     out = tmp_path / "out"
-    sweep = tmp_path / "p.yaml"
-    sweep.write_text(
-        yaml.safe_dump(
-            {
-                "grid": {"seed": [1, 2]},
-                "variants": [{"name": "lora", "experts": 1}, {"name": "square", "experts": 5}],
-                "output": str(out),
-            }
-        )
-    )
-    spec = load_spec(str(sweep))
-    runs = spec.runs()
+    sweep, spec, runs = two_arm_sweep(tmp_path, out, [1, 2], ("lora", 1), ("square", 5))
     accuracy = {("lora", "1"): 0.656, ("lora", "2"): 0.686, ("square", "1"): 0.668,
                 ("square", "2"): 0.698}  # fmt: skip
     states = {
@@ -352,18 +342,7 @@ def test_one_pass_loss_reads_the_last_fifth_of_a_one_pass_log(tmp_path):
 
 def test_report_pairs_the_one_pass_loss_lower_is_better(tmp_path):
     out = tmp_path / "out"
-    sweep = tmp_path / "p.yaml"
-    sweep.write_text(
-        yaml.safe_dump(
-            {
-                "grid": {"seed": [1, 2, 3]},
-                "variants": [{"name": "lora", "experts": 1}, {"name": "square", "experts": 5}],
-                "output": str(out),
-            }
-        )
-    )
-    spec = load_spec(str(sweep))
-    runs = spec.runs()
+    sweep, spec, runs = two_arm_sweep(tmp_path, out, [1, 2, 3], ("lora", 1), ("square", 5))
     tail = {("lora", "1"): 1.97, ("lora", "2"): 1.95, ("lora", "3"): 1.93,
             ("square", "1"): 1.945, ("square", "2"): 1.93, ("square", "3"): 1.935}  # fmt: skip
     states = {}
