@@ -252,3 +252,19 @@ def test_results_figure_has_a_panel_per_task(tasks):
     assert titles == (["mean of the tasks", *tasks] if tasks else [""])
     bars = [p.get_height() for p in fig.axes[0].patches]
     assert bars == pytest.approx([0.51, 0.53])  # the mean over seeds, per group
+
+
+@pytest.mark.parametrize(
+    ("names", "slanted"),
+    [(["lora", "square"], False), (["lora-r1", "square-r1", "inverted-triangle-r1", "triangle-r1",
+      "hourglass-r1", "uniform-8-r1", "lora-r8", "guilomo-r1"], True)],
+)  # fmt: skip
+def test_results_figure_slants_crowded_labels(names, slanted):
+    """Eight long arm names overlapped side by side in stage 2's plot: they are slanted then."""
+    from mola.sweep.aggregate import Group
+    from mola.sweep.report import results_figure
+
+    groups = [Group(labels={"variant": n}, runs=["r1"], values={"accuracy": [0.5]}) for n in names]
+    fig = results_figure(groups, ["variant"], ["accuracy"])
+    rotations = {t.get_rotation() for t in fig.axes[0].get_xticklabels()}
+    assert rotations == ({35.0} if slanted else {0.0})

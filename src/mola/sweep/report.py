@@ -323,12 +323,27 @@ def _bars(ax: Any, groups: list[Group], keys: list[str], metric: str) -> None:
     ]
     ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color=colors)
     ax.set_xticks(range(len(groups)), labels, fontsize=7)
+    if _crowded(labels):
+        ax.tick_params(axis="x", labelrotation=35)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+            tick.set_rotation_mode("anchor")
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
     low = min(m - e for m, e in zip(means, errs, strict=True))
     high = max(m + e for m, e in zip(means, errs, strict=True))
     pad = max(0.02, 0.15 * (high - low))
     ax.set_ylim(max(0.0, low - pad), high + pad)
     ax.grid(axis="y", alpha=0.3)
+
+
+#: Characters of tick labels a panel holds side by side before they would overlap.
+LABEL_ROOM = 60
+
+
+def _crowded(labels: list[str]) -> bool:
+    """True when the labels' longest lines, side by side, would overlap: they are then slanted."""
+    longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
+    return len(labels) * longest > LABEL_ROOM
 
 
 def _num(value: float | int | None) -> str:
