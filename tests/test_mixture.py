@@ -254,17 +254,29 @@ def test_results_figure_has_a_panel_per_task(tasks):
     assert bars == pytest.approx([0.51, 0.53])  # the mean over seeds, per group
 
 
+STAGE2_ARMS = ["lora-r1", "square-r1", "inverted-triangle-r1", "triangle-r1", "hourglass-r1",
+               "uniform-8-r1", "lora-r8", "guilomo-r1"]  # fmt: skip
+STUDY1_ARMS = ["inverted-triangle", "square", "lora-r8", "triangle", "hourglass", "lora-r42",
+               "uniform-8", "guilomo"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("names", "slanted"),
-    [(["lora", "square"], False), (["lora-r1", "square-r1", "inverted-triangle-r1", "triangle-r1",
-      "hourglass-r1", "uniform-8-r1", "lora-r8", "guilomo-r1"], True)],
-)  # fmt: skip
-def test_results_figure_slants_crowded_labels(names, slanted):
-    """Eight long arm names overlapped side by side in stage 2's plot: they are slanted then."""
+    ("names", "tasks", "slanted"),
+    [
+        (["lora", "square"], [], False),
+        (["lora", "square"], ["sarcasm", "siqa", "quartz"], False),
+        (STAGE2_ARMS, ["sarcasm", "siqa", "quartz"], True),  # five narrow panels: they overlapped
+        (STAGE2_ARMS, [], False),  # one panel, wide enough for them
+        (STUDY1_ARMS * 2, [], False),  # the first study's 16 bars, which fit
+    ],
+)
+def test_results_figure_slants_crowded_labels(names, tasks, slanted):
     from mola.sweep.aggregate import Group
     from mola.sweep.report import results_figure
 
-    groups = [Group(labels={"variant": n}, runs=["r1"], values={"accuracy": [0.5]}) for n in names]
-    fig = results_figure(groups, ["variant"], ["accuracy"])
+    values = {"accuracy": [0.5], **{f"{t}_accuracy": [0.5] for t in tasks}}
+    groups = [Group(labels={"variant": n}, runs=["r1"], values=values) for n in names]
+    fig = results_figure(groups, ["variant"], list(values))
+    assert len(fig.axes) == 1 + len(tasks)
     rotations = {t.get_rotation() for t in fig.axes[0].get_xticklabels()}
     assert rotations == ({35.0} if slanted else {0.0})

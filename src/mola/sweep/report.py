@@ -303,14 +303,16 @@ def results_figure(groups: list[Group], keys: list[str], metrics: list[str]) -> 
         ax.set_axis_off()
     for i, metric in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        _bars(ax, groups, keys, metric)
+        _bars(ax, groups, keys, metric, width / len(panels) / max(1, len(groups)))
         if len(panels) > 1:
             ax.set_title("mean of the tasks" if i == 0 else metric.removesuffix("_accuracy"))
     fig.tight_layout()
     return fig
 
 
-def _bars(ax: Any, groups: list[Group], keys: list[str], metric: str) -> None:
+def _bars(
+    ax: Any, groups: list[Group], keys: list[str], metric: str, inches_per_bar: float
+) -> None:
     means = [g.mean(metric) or 0.0 for g in groups]
     errs = [g.std(metric) or 0.0 for g in groups]
     labels = ["\n".join(g.labels.get(k, "") for k in keys) + f"\nn={g.n}" for g in groups]
@@ -323,7 +325,7 @@ def _bars(ax: Any, groups: list[Group], keys: list[str], metric: str) -> None:
     ]
     ax.bar(range(len(groups)), means, yerr=errs, capsize=4, color=colors)
     ax.set_xticks(range(len(groups)), labels, fontsize=7)
-    if _crowded(labels):
+    if _crowded(labels, inches_per_bar):
         ax.tick_params(axis="x", labelrotation=35)
         for tick in ax.get_xticklabels():
             tick.set_horizontalalignment("right")
@@ -336,14 +338,15 @@ def _bars(ax: Any, groups: list[Group], keys: list[str], metric: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-#: Characters of tick labels a panel holds side by side before they would overlap.
-LABEL_ROOM = 60
+#: Width of one character of a 7-point tick label, in inches (measured: about 0.04).
+CHAR_INCHES = 0.045
 
 
-def _crowded(labels: list[str]) -> bool:
-    """True when the labels' longest lines, side by side, would overlap: they are then slanted."""
+def _crowded(labels: list[str], inches_per_bar: float) -> bool:
+    """True when a label's longest line is wider than its bar's share of the panel, so that
+    neighbours would overlap: the labels are then slanted."""
     longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
-    return len(labels) * longest > LABEL_ROOM
+    return longest * CHAR_INCHES > inches_per_bar
 
 
 def _num(value: float | int | None) -> str:
