@@ -190,13 +190,9 @@ def test_rank_one_pilot_is_the_capacity_recipe_at_rank_one():
             # stage 1's own runs (seeds 1-3), copied: the sweep counts them done only if the
             # options match; later seeds run here with stage 1's options but their own seed
             twins = {r.labels["seed"]: r for r in main_runs if r.labels["variant"] == "lora-r8"}
-            twin = twins.get(run.labels["seed"])
-            if twin is None:
-                mine = {**resolved_options(run), "seed": twins["1"].options["seed"]}
-                assert same_options(resolved_options(twins["1"]), mine)
-            else:
-                assert twin.name == run.name
-                assert same_options(resolved_options(twin), resolved_options(run))
+            twin = twins.get(run.labels["seed"], twins["1"])
+            mine = {**resolved_options(run), "seed": twin.options["seed"]}
+            assert same_options(resolved_options(twin), mine)
         else:
             assert str(run.options["r"]) == "1"
     shapes = {r.labels["variant"]: r.options.get("experts") for r in pilot}
